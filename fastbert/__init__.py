@@ -1,0 +1,19 @@
+"""fastbert: a faster BERT for PyTorch, built from fused Triton kernels and a CUDA C++
+embedding kernel, behind Hugging Face's BERT API."""
+
+from . import functional
+from .backend import get_backend, set_backend, use_backend
+from .config import BertConfig
+from .heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentencePrediction, BertForPreTraining,
+                    BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification)
+from .modeling import BertModel
+from .pretrained import BertPreTrainedModel, CheckpointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BertConfig", "BertModel", "BertPreTrainedModel", "BertForPreTraining", "BertForMaskedLM",
+    "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForTokenClassification",
+    "BertForQuestionAnswering", "BertForMultipleChoice", "CheckpointError", "functional",
+    "get_backend", "set_backend", "use_backend",
+]

@@ -1,0 +1,55 @@
+"""The backend switch: which implementation of each op runs.
+
+``"auto"``   the fastest implementation for the tensor's device (the default);
+``"triton"`` always fastbert's own kernels (Triton, and the C++/CUDA extension for the
+             embedding); Triton runs on the CPU only under ``TRITON_INTERPRET=1``;
+``"eager"``  always the eager PyTorch reference.
+
+Set it with :func:`set_backend`, the context manager :func:`use_backend`, or the
+environment variable ``FASTBERT_BACKEND`` (read once, at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+BACKENDS = ("auto", "triton", "eager")
+
+
+def _checked(name: str) -> str:
+    name = str(name).lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastbert backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _checked(os.environ.get("FASTBERT_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend in force now."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op from now on."""
+    global _backend
+    _backend = _checked(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ``with`` block under another backend, then restore the previous one."""
+    global _backend
+    previous, _backend = _backend, _checked(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,136 @@
+"""BertConfig: Hugging Face's field names and defaults, readable from and writable to
+the same config.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, Optional, Union
+
+CONFIG_NAME = "config.json"
+
+_DEFAULTS: Dict[str, Any] = dict(
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    initializer_range=0.02,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    position_embedding_type="absolute",
+    use_cache=True,
+    classifier_dropout=None,
+    problem_type=None,
+    tie_word_embeddings=True,
+)
+
+_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gelu_fast", "relu")
+
+
+class BertConfig:
+    """The configuration of a BERT model (Hugging Face's ``BertConfig`` fields).
+
+    Unknown keys are kept as attributes and written back by :meth:`to_dict`, so a
+    config.json survives a round trip. ``num_labels`` is derived from ``id2label`` as in HF.
+    """
+
+    model_type = "bert"
+
+    def __init__(self, **kwargs):
+        num_labels = kwargs.pop("num_labels", None)
+        for key, value in _DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, value))
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        if id2label is None:
+            id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+        self.id2label = {int(k): v for k, v in id2label.items()}
+        self.label2id = label2id if label2id is not None else {v: k for k, v in self.id2label.items()}
+        kwargs.pop("model_type", None)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported "
+                             "(fastbert implements BERT's absolute position embeddings)")
+        if isinstance(self.hidden_act, str) and self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {_ACTIVATIONS}")
+        for key in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+        self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # -- (de)serialisation -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> "BertConfig":
+        return cls(**{**copy.deepcopy(config_dict), **overrides})
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> "BertConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        if data.get("model_type", "bert") != "bert":
+            raise ValueError(f"{path} describes a {data['model_type']!r} model, not 'bert'")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides) -> "BertConfig":
+        """From a directory holding config.json, or from the JSON file itself."""
+        path = os.fspath(path)
+        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        config = cls.from_json_file(file)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["model_type"] = self.model_type
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"BertConfig {self.to_json_string()}"

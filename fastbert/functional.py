@@ -1,0 +1,201 @@
+"""fastbert's public functional API: the five fused ops.
+
+Each function checks its arguments, asks ``fastbert.ops`` for the implementation that fits
+the device and the backend, and calls it. The names and signatures are stable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from .ops import implementation
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_checked_cu_seqlens: list = [None, -1]  # the last cu_seqlens whose values were checked, and its version
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"fastbert.{op}: {msg}")
+
+
+def _check_float(op: str, **tensors):
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            _fail(op, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_device(op: str, ref: torch.Tensor, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            _fail(op, f"{name} is on {t.device} but the input is on {ref.device}")
+
+
+def _check_vector(op: str, name: str, t: Optional[torch.Tensor], n: int):
+    if t is not None and tuple(t.shape) != (n,):
+        _fail(op, f"{name} must have shape ({n},) to match the last dim, got {tuple(t.shape)}")
+
+
+def _check_dropout(op: str, p: float):
+    if not 0.0 <= p < 1.0:
+        _fail(op, f"dropout_p must be in [0, 1), got {p}")
+
+
+def check_index_range(op: str, name: str, ids: torch.Tensor, upper: int):
+    """Raise a clear error if any id is outside [0, upper). Reads the ids (a device sync)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        _fail(op, f"{name} contains {bad}, outside the valid range [0, {upper})")
+
+
+def embedding(input_ids, token_type_ids, position_ids, word_weight, position_weight,
+              token_type_weight, ln_weight, ln_bias, eps, dropout_p=0.0, padding_idx=None):
+    """LayerNorm(word[input_ids] + position[position_ids] + token_type[token_type_ids]), then
+    dropout. The ids share one shape (any); the output adds the hidden dim. Ids out of range
+    raise a ValueError that names the bad value."""
+    op = "embedding"
+    _check_float(op, word_weight=word_weight, position_weight=position_weight,
+                 token_type_weight=token_type_weight, ln_weight=ln_weight, ln_bias=ln_bias)
+    ids = {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids}
+    for name, t in ids.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            _fail(op, f"{name} must be an int32 or int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.shape != input_ids.shape:
+            _fail(op, f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+    tables = {"word_weight": word_weight, "position_weight": position_weight, "token_type_weight": token_type_weight}
+    hidden = word_weight.shape[-1]
+    for name, t in tables.items():
+        if t.dim() != 2 or t.shape[1] != hidden:
+            _fail(op, f"{name} must be 2-D with {hidden} columns, got {tuple(t.shape)}")
+        if t.dtype != word_weight.dtype:
+            _fail(op, f"{name} is {t.dtype} but word_weight is {word_weight.dtype}")
+    _check_vector(op, "ln_weight", ln_weight, hidden)
+    _check_vector(op, "ln_bias", ln_bias, hidden)
+    _check_device(op, word_weight, **ids, position_weight=position_weight,
+                  token_type_weight=token_type_weight, ln_weight=ln_weight, ln_bias=ln_bias)
+    _check_dropout(op, dropout_p)
+    fn = implementation(op, word_weight.device)
+    if fn is reference.embedding:  # the kernels check ids themselves, without a separate pass
+        check_index_range(op, "input_ids", input_ids, word_weight.shape[0])
+        check_index_range(op, "position_ids", position_ids, position_weight.shape[0])
+        check_index_range(op, "token_type_ids", token_type_ids, token_type_weight.shape[0])
+    return fn(input_ids, token_type_ids, position_ids, word_weight, position_weight,
+              token_type_weight, ln_weight, ln_bias, eps, dropout_p, padding_idx)
+
+
+def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, statistics in fp32."""
+    op = "add_layernorm"
+    _check_float(op, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
+    if residual.shape != x.shape:
+        _fail(op, f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if x.dim() == 0:
+        _fail(op, "x must have at least one dim")
+    n = x.shape[-1]
+    _check_vector(op, "weight", weight, n)
+    _check_vector(op, "bias", bias, n)
+    _check_vector(op, "x_bias", x_bias, n)
+    _check_device(op, x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
+    _check_dropout(op, dropout_p)
+    return implementation(op, x.device)(x, residual, weight, bias, eps, x_bias, dropout_p)
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """gelu(x + bias): ``approximate="none"`` is the exact (erf) GELU, ``"tanh"`` the tanh form."""
+    op = "bias_gelu"
+    _check_float(op, x=x, bias=bias)
+    if approximate not in ("none", "tanh"):
+        _fail(op, f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if x.dim() == 0:
+        _fail(op, "x must have at least one dim")
+    _check_vector(op, "bias", bias, x.shape[-1])
+    _check_device(op, x, bias=bias)
+    return implementation(op, x.device)(x, bias, approximate)
+
+
+def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
+    """softmax(scale * scores + mask) over the last dim, then dropout.
+
+    ``mask`` is additive and broadcasts against ``scores``, as Hugging Face builds it:
+    (B, 1, 1, S) or (B, 1, S, S). Entries of -inf or the dtype's most negative value are
+    masked; a row with every entry masked gives zeros.
+    """
+    op = "softmax_mask"
+    _check_float(op, scores=scores, mask=mask)
+    if scores.dim() == 0:
+        _fail(op, "scores must have at least one dim")
+    if mask is not None:
+        try:
+            shape = torch.broadcast_shapes(mask.shape, scores.shape)
+        except RuntimeError:
+            shape = None
+        if shape != scores.shape:
+            _fail(op, f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}")
+    _check_device(op, scores, mask=mask)
+    _check_dropout(op, dropout_p)
+    return implementation(op, scores.device)(scores, mask, scale, dropout_p)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"):
+    """Raise a clear error unless ``cu_seqlens`` starts at 0, never decreases and ends at
+    ``total``. Reads the values (a device sync), once per tensor version."""
+    if cu_seqlens.dtype != torch.int32:
+        _fail(op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        _fail(op, f"cu_seqlens must be 1-D with batch+1 entries, got shape {tuple(cu_seqlens.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    last, version = _checked_cu_seqlens
+    if last is cu_seqlens and version == cu_seqlens._version:
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        _fail(op, f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        _fail(op, f"cu_seqlens must not decrease, got {values}")
+    if values[-1] != total:
+        _fail(op, f"cu_seqlens ends at {values[-1]} but there are {total} tokens")
+    _checked_cu_seqlens[:] = [cu_seqlens, cu_seqlens._version]
+
+
+def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """softmax(q kᵀ · scale + key-padding mask) v, never forming the S×S matrix in the kernels.
+
+    Padded: q, k, v (B, S, H, D); ``attention_mask`` (B, S_k), 1/True for real keys.
+    Packed: q, k, v (T, H, D); ``cu_seqlens`` (B+1,) int32 on the same device; ``max_seqlen``
+    the longest sequence (computed if None). ``scale`` defaults to D**-0.5. A query with no
+    real key gets zeros.
+    """
+    op = "attention"
+    _check_float(op, q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        _fail(op, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_device(op, q, k=k, v=v, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+    _check_dropout(op, dropout_p)
+    if cu_seqlens is None:
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            _fail(op, f"padded q, k, v must be (B, S, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+            _fail(op, f"q, k, v shapes do not agree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
+            _fail(op, f"attention_mask must be (batch, key_len) = {(k.shape[0], k.shape[1])}, got {tuple(attention_mask.shape)}")
+    else:
+        if attention_mask is not None:
+            _fail(op, "pass either attention_mask (padded layout) or cu_seqlens (packed layout), not both")
+        if q.dim() != 3 or q.shape != k.shape or k.shape[:2] != v.shape[:2]:
+            _fail(op, f"packed q, k, v must be (T, H, D) with the same T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        check_cu_seqlens(cu_seqlens, q.shape[0], op)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return implementation(op, q.device)(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                        scale=scale, dropout_p=dropout_p)

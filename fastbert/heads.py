@@ -1,0 +1,268 @@
+"""BERT with heads: pre-training (masked LM + next sentence prediction) and fine-tuning
+(sequence classification, token classification, question answering, multiple choice).
+Names, arguments, outputs and losses are Hugging Face's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BertConfig
+from .modeling import BertModel, activation
+from .outputs import (BertForPreTrainingOutput, MaskedLMOutput, MultipleChoiceModelOutput,
+                      NextSentencePredictorOutput, QuestionAnsweringModelOutput,
+                      SequenceClassifierOutput, TokenClassifierOutput)
+from .pretrained import BertPreTrainedModel
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.hidden_act = config.hidden_act
+
+    def forward(self, hidden_states):
+        h = activation(self.hidden_act, F.linear(hidden_states, self.dense.weight), self.dense.bias)
+        return self.LayerNorm(h)
+
+
+class BertLMPredictionHead(nn.Module):
+    """Transform, then the decoder whose weight is the word-embedding table (tied)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states):
+        return self.decoder(self.transform(hidden_states))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, sequence_output):
+        return self.predictions(sequence_output)
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled_output):
+        return self.seq_relationship(pooled_output)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, sequence_output, pooled_output):
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
+
+
+class _WithMLMHead(BertPreTrainedModel):
+    def tie_weights(self) -> None:
+        if getattr(self.config, "tie_word_embeddings", True):
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+
+def _bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                 output_attentions, output_hidden_states, kwargs):
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+
+
+def _finish(out, return_dict):
+    return out if return_dict is None or return_dict else out.to_tuple()
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
+
+
+class BertForPreTraining(_WithMLMHead):
+    """Masked language modelling and next sentence prediction; the loss is their sum."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, next_sentence_label=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        prediction, relationship = self.cls(out.last_hidden_state, out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = _ce(prediction, labels) + _ce(relationship, next_sentence_label)
+        return _finish(BertForPreTrainingOutput(loss, prediction, relationship, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForMaskedLM(_WithMLMHead):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        logits = self.cls(out.last_hidden_state)
+        loss = None if labels is None else _ce(logits, labels)
+        return _finish(MaskedLMOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    """``labels`` (B,): 0 when segment B follows segment A, 1 when it is random."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        labels = kwargs.pop("next_sentence_label", None) if labels is None else labels
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        logits = self.cls(out.pooler_output)
+        loss = None if labels is None else _ce(logits, labels)
+        return _finish(NextSentencePredictorOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+def _classifier_dropout(config: BertConfig) -> nn.Dropout:
+    p = config.classifier_dropout
+    return nn.Dropout(config.hidden_dropout_prob if p is None else p)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Classification or regression on the pooled [CLS] output. The loss follows
+    ``config.problem_type`` or, if unset, HF's rule: one label → regression (MSE), integer
+    labels → single-label (cross-entropy), float labels → multi-label (BCE with logits)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+                self.config.problem_type = problem
+            if problem == "regression":
+                loss = F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype)) if self.num_labels == 1 \
+                    else F.mse_loss(logits, labels.to(logits.dtype))
+            elif problem == "single_label_classification":
+                loss = _ce(logits, labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return _finish(SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None if labels is None else _ce(logits, labels)
+        return _finish(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Span extraction: start and end logits per token. Positions outside the sequence are
+    clamped and ignored by the loss, as in HF."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                       output_attentions, output_hidden_states, kwargs))
+        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.size(1)
+            starts = start_positions.reshape(-1).clamp(0, ignored)
+            ends = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start, starts, ignore_index=ignored) + F.cross_entropy(end, ends, ignore_index=ignored)) / 2
+        return _finish(QuestionAnsweringModelOutput(loss, start, end, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForMultipleChoice(BertPreTrainedModel):
+    """Inputs are (batch, num_choices, seq_len); one score per choice."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+        def flat(t, keep=1):
+            return None if t is None else t.reshape(-1, *t.shape[-keep:])
+        out = self.bert(**_bert_kwargs(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
+                                       flat(inputs_embeds, 2), output_attentions, output_hidden_states, kwargs))
+        logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)
+        loss = None if labels is None else _ce(logits, labels)
+        return _finish(MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions), return_dict)

@@ -1,0 +1,329 @@
+"""BERT, top to bottom as the paper tells it: embeddings, self-attention, feed-forward,
+the layer, the encoder, the pooler, and the model.
+
+Module and parameter names are Hugging Face's (``embeddings.LayerNorm``,
+``encoder.layer.N.attention.self.query`` …), so state dicts load both ways. Modules hold
+parameters and call ``fastbert.functional``; the kernels are chosen there.
+
+With a 2-D ``attention_mask`` that has padding, the real tokens are gathered once before
+the embedding and every layer runs on the packed tokens; the output is scattered back at
+the end, with zeros at padded positions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as fb
+from .config import BertConfig
+from .outputs import BaseModelOutputWithPooling
+from .padding import Packing, pad, unpad, unpad_mask
+from .pretrained import BertPreTrainedModel
+
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def activation(hidden_act, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """act(x + bias), fused when the activation is a GELU."""
+    if hidden_act in ("gelu", "gelu_python"):
+        return fb.bias_gelu(x, bias, "none")
+    if hidden_act in _TANH_GELUS:
+        return fb.bias_gelu(x, bias, "tanh")
+    if hidden_act == "relu":
+        return F.relu(x + bias)
+    if callable(hidden_act):
+        return hidden_act(x + bias)
+    raise ValueError(f"unsupported hidden_act {hidden_act!r}")
+
+
+class BertEmbeddings(nn.Module):
+    """LayerNorm(token + segment + position embeddings), then dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
+        """Ids of any one shape (padded (B, S) or packed (T,)); returns that shape + (hidden,)."""
+        p = self.dropout.p if self.training else 0.0
+        if inputs_embeds is None:
+            return fb.embedding(
+                input_ids, token_type_ids, position_ids, self.word_embeddings.weight,
+                self.position_embeddings.weight, self.token_type_embeddings.weight,
+                self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p, self.word_embeddings.padding_idx)
+        fb.check_index_range("embedding", "position_ids", position_ids, self.position_embeddings.num_embeddings)
+        fb.check_index_range("embedding", "token_type_ids", token_type_ids, self.token_type_embeddings.num_embeddings)
+        extra = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        h = fb.add_layernorm(inputs_embeds, extra.to(inputs_embeds.dtype), self.LayerNorm.weight,
+                             self.LayerNorm.bias, self.LayerNorm.eps)
+        return F.dropout(h, p, self.training)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention. Q, K and V come from one GEMM over the concatenated weight."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.all_head_size = config.hidden_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._qkv_cache = None
+
+    def qkv_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The fused (3H, H) weight and (3H,) bias. Cached while the parameters are unchanged
+        and no gradient is needed (inference); concatenated afresh when training."""
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            self._qkv_cache = (key, torch.cat(params[:3]).detach(), torch.cat(params[3:]).detach())
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    def forward(self, hidden_states, attention_mask=None, packing: Optional[Packing] = None,
+                additive_mask=None, output_attentions=False):
+        """hidden_states is packed (T, H) when ``packing`` is given, else padded (B, S, H).
+
+        ``attention_mask`` is a (B, S) key-padding mask for the fused kernel;
+        ``additive_mask`` (broadcastable to (B, heads, S, S)) selects the unfused path,
+        which is also taken to return the attention probabilities.
+        """
+        weight, bias = self.qkv_weight()
+        lead = hidden_states.shape[:-1]
+        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = qkv.unbind(-3)
+        p = self.dropout.p if self.training else 0.0
+        if output_attentions or additive_mask is not None:
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+            probs = fb.softmax_mask(scores, additive_mask, self.attention_head_size ** -0.5, p)
+            context = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            probs = None
+            if packing is not None:
+                context = fb.attention(q, k, v, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen, dropout_p=p)
+            else:
+                context = fb.attention(q, k, v, attention_mask, dropout_p=p)
+        return context.reshape(*lead, self.all_head_size), probs
+
+
+class BertSelfOutput(nn.Module):
+    """Output projection, dropout, residual add and LayerNorm (one fused kernel after the GEMM)."""
+
+    def __init__(self, config: BertConfig, in_features: Optional[int] = None):
+        super().__init__()
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        p = self.dropout.p if self.training else 0.0
+        return fb.add_layernorm(F.linear(hidden_states, self.dense.weight), input_tensor, self.LayerNorm.weight,
+                                self.LayerNorm.bias, self.LayerNorm.eps, x_bias=self.dense.bias, dropout_p=p)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, packing=None, additive_mask=None, output_attentions=False):
+        context, probs = self.self(hidden_states, attention_mask, packing, additive_mask, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(nn.Module):
+    """The feed-forward expansion: GEMM, then bias and activation fused."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.hidden_act = config.hidden_act
+
+    def forward(self, hidden_states):
+        return activation(self.hidden_act, F.linear(hidden_states, self.dense.weight), self.dense.bias)
+
+
+class BertOutput(BertSelfOutput):
+    """The feed-forward contraction, with dropout, residual add and LayerNorm."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, in_features=config.intermediate_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, packing=None, additive_mask=None, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, attention_mask, packing, additive_mask, output_attentions)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, attention_mask=None, packing=None, additive_mask=None,
+                output_attentions=False, output_hidden_states=False):
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_probs = [] if output_attentions else None
+        for layer in self.layer:
+            args = (hidden_states, attention_mask, packing, additive_mask, output_attentions)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden_states, probs = layer(*args)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            if all_probs is not None:
+                all_probs.append(probs)
+        return hidden_states, all_hidden, all_probs
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(h[CLS]))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+def _keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 1=keep mask to Hugging Face's additive form: 0 where kept, the dtype's minimum elsewhere."""
+    return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(keep == 0, torch.finfo(dtype).min).expand(keep.shape).contiguous()
+
+
+class BertModel(BertPreTrainedModel):
+    """The BERT encoder: embeddings, ``num_hidden_layers`` layers, and an optional pooler.
+
+    ``unpad`` (default True) runs the encoder on the packed real tokens when a 2-D
+    ``attention_mask`` has padding. It is skipped under ``torch.compile`` and CUDA-graph
+    capture, where shapes must not depend on the data; then the fused attention takes the
+    key-padding mask instead.
+    """
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.unpad = True
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def _shape_and_checks(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        device = self.embeddings.word_embeddings.weight.device
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"input_ids must be an int32 or int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            shape, given = tuple(input_ids.shape), input_ids
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+            shape, given = tuple(inputs_embeds.shape[:2]), inputs_embeds
+        if given.device != device:
+            raise ValueError(f"the inputs are on {given.device} but the model is on {device}")
+        if shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {shape[1]} is longer than max_position_embeddings "
+                             f"({self.config.max_position_embeddings}); truncate the input")
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if t is not None and (t.dim() != 2 or t.shape[1] != shape[1] or t.shape[0] not in (1, shape[0])):
+                raise ValueError(f"{name} must be (batch, seq_len) = {shape}, got {tuple(t.shape)}")
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+        if attention_mask is not None:
+            if attention_mask.device != device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+            ok = {2: (shape,), 3: ((shape[0], shape[1], shape[1]),)}.get(attention_mask.dim())
+            if attention_mask.dim() == 4:
+                ok = (tuple(attention_mask.shape),) if (attention_mask.shape[0] in (1, shape[0]) and attention_mask.shape[2:] in ((1, shape[1]), (shape[1], shape[1]))) else ()
+            if not ok or tuple(attention_mask.shape) not in ok:
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit input of shape {shape}: "
+                                 "use (batch, seq_len), (batch, seq_len, seq_len) or (batch, 1|heads, seq_len, seq_len)")
+        return shape, device
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        unsupported = [k for k, v in kwargs.items() if v is not None and k not in ("use_cache", "past_key_values", "head_mask")]
+        if unsupported or kwargs.get("head_mask") is not None:
+            raise ValueError(f"fastbert.BertModel does not support {', '.join(unsupported or ['head_mask'])} (BERT as an encoder only)")
+        output_attentions = bool(output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False))
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else getattr(self.config, "output_hidden_states", False))
+        return_dict = True if return_dict is None else return_dict
+
+        (batch, seqlen), device = self._shape_and_checks(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        if position_ids is None:
+            position_ids = self.embeddings.position_ids[:, :seqlen]
+        position_ids = position_ids.expand(batch, seqlen)
+        token_type_ids = (torch.zeros((batch, seqlen), dtype=torch.long, device=device) if token_type_ids is None
+                          else token_type_ids.expand(batch, seqlen))
+
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.embeddings.word_embeddings.weight.dtype
+        key_mask = additive = packing = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if output_attentions:
+                additive = _keep_to_additive(attention_mask[:, None, None, :], dtype)
+            else:
+                key_mask = attention_mask
+        elif attention_mask is not None:
+            additive = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
+            if additive.dtype == torch.bool or not additive.is_floating_point() or attention_mask.dim() == 3:
+                additive = _keep_to_additive(additive, dtype)
+
+        if key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
+            packing = unpad_mask(key_mask)
+            key_mask = None
+            if packing.total == batch * seqlen:
+                packing = None  # no padding: no gather, no scatter
+        if packing is not None:
+            ids = [None if t is None else unpad(t, packing) for t in (input_ids, token_type_ids, position_ids, inputs_embeds)]
+            hidden = self.embeddings(*ids)
+        else:
+            hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+
+        sequence, all_hidden, all_probs = self.encoder(hidden, key_mask, packing, additive, output_attentions, output_hidden_states)
+        if packing is not None:
+            sequence = pad(sequence, packing)
+            all_hidden = None if all_hidden is None else [pad(h, packing) for h in all_hidden]
+        pooled = self.pooler(sequence) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=sequence, pooler_output=pooled,
+            hidden_states=None if all_hidden is None else tuple(all_hidden),
+            attentions=None if all_probs is None else tuple(all_probs))
+        return out if return_dict else out.to_tuple()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

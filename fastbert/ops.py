@@ -1,0 +1,91 @@
+"""The op registry and the one place that picks an implementation.
+
+Every op has an eager reference (``fastbert.reference``) and a kernel (``fastbert.kernels``,
+Triton, or the C++/CUDA extension for the embedding). :func:`implementation` returns the
+one to run for a device under the current backend (``fastbert.backend``). Nothing else in
+fastbert imports a kernel module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import reference
+from .backend import get_backend, triton_interpreted
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    reference: Callable
+    kernel: str  # "module:function" of fastbert's own implementation
+    native_cpu: bool = False  # the kernel has a compiled CPU implementation (not the interpreter)
+
+
+OPS: Dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("embedding", reference.embedding, "fastbert.kernels.embedding:embedding", native_cpu=True),
+        Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
+        Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
+        Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
+        Op("attention", reference.attention, "fastbert.kernels.attention:attention"),
+    )
+}
+
+_kernels: Dict[str, Tuple[Optional[Callable], Optional[str]]] = {}
+_chosen: Dict[Tuple[str, str, str, bool], Callable] = {}
+
+
+def load_kernel(name: str) -> Tuple[Optional[Callable], Optional[str]]:
+    """(kernel, None) if the op's kernel imports here, else (None, why not)."""
+    if name not in _kernels:
+        module, _, attr = OPS[name].kernel.partition(":")
+        try:
+            _kernels[name] = (getattr(importlib.import_module(module), attr), None)
+        except (ImportError, AttributeError, OSError) as exc:
+            _kernels[name] = (None, f"{type(exc).__name__}: {exc}")
+    return _kernels[name]
+
+
+def kernel_available(name: str) -> bool:
+    return load_kernel(name)[0] is not None
+
+
+def implementation(name: str, device: torch.device) -> Callable:
+    """The function that runs op ``name`` on ``device`` under the current backend."""
+    backend = get_backend()
+    key = (name, backend, device.type, triton_interpreted())
+    fn = _chosen.get(key)
+    if fn is None:
+        fn = _choose(OPS[name], backend, device)
+        _chosen[key] = fn
+    return fn
+
+
+def _choose(op: Op, backend: str, device: torch.device) -> Callable:
+    if backend == "eager":
+        return op.reference
+    kernel, why = load_kernel(op.name)
+    runs_here = device.type == "cuda" or op.native_cpu
+    if backend == "auto":
+        return kernel if kernel is not None and runs_here else op.reference
+    # backend == "triton": fastbert's own kernel or a clear error.
+    if kernel is None:
+        raise RuntimeError(f"fastbert: the {op.name} kernel is unavailable ({why}); use the 'auto' or 'eager' backend")
+    if not runs_here and not (device.type == "cpu" and triton_interpreted()):
+        raise RuntimeError(
+            f"fastbert: the Triton {op.name} kernel needs a CUDA tensor, got one on {device.type} "
+            "(set TRITON_INTERPRET=1 before importing fastbert to run Triton on the CPU, "
+            "or use the 'auto' or 'eager' backend)"
+        )
+    return kernel
+
+
+def describe() -> Dict[str, str]:
+    """For reports: which implementation each op has here."""
+    return {name: ("kernel" if kernel_available(name) else f"reference only ({load_kernel(name)[1]})") for name in OPS}

@@ -1,0 +1,100 @@
+"""Model outputs: dataclasses that also index like tuples and dicts, as Hugging Face's do.
+
+``out.last_hidden_state``, ``out["last_hidden_state"]`` and ``out[0]`` all work; integer
+and slice indexing skip the fields that are None, exactly as in ``transformers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Tuple
+
+import torch
+
+
+class ModelOutput:
+    def to_tuple(self) -> Tuple[Any, ...]:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+T = Optional[torch.Tensor]
+Ts = Optional[Tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: T = None
+    pooler_output: T = None
+    hidden_states: Ts = None
+    attentions: Ts = None
+
+
+@dataclass
+class BertForPreTrainingOutput(ModelOutput):
+    loss: T = None
+    prediction_logits: T = None
+    seq_relationship_logits: T = None
+    hidden_states: Ts = None
+    attentions: Ts = None
+
+
+@dataclass
+class MaskedLMOutput(ModelOutput):
+    loss: T = None
+    logits: T = None
+    hidden_states: Ts = None
+    attentions: Ts = None
+
+
+@dataclass
+class NextSentencePredictorOutput(MaskedLMOutput):
+    pass
+
+
+@dataclass
+class SequenceClassifierOutput(MaskedLMOutput):
+    pass
+
+
+@dataclass
+class TokenClassifierOutput(MaskedLMOutput):
+    pass
+
+
+@dataclass
+class MultipleChoiceModelOutput(MaskedLMOutput):
+    pass
+
+
+@dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: T = None
+    start_logits: T = None
+    end_logits: T = None
+    hidden_states: Ts = None
+    attentions: Ts = None

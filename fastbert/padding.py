@@ -1,0 +1,47 @@
+"""Unpadding: the encoder runs on the real tokens of a batch, packed one after another.
+
+:func:`unpad_mask` turns a 2-D attention mask into the indices of the real tokens and
+``cu_seqlens``; :func:`pad` scatters packed rows back into a zero-filled padded tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packing:
+    indices: torch.Tensor     # (T,) int64: positions of the real tokens in the flattened (B*S) batch
+    cu_seqlens: torch.Tensor  # (B+1,) int32: where each sequence starts in the packed tokens
+    max_seqlen: int           # the longest sequence
+    batch: int
+    seqlen: int
+
+    @property
+    def total(self) -> int:
+        return self.indices.numel()
+
+
+def unpad_mask(attention_mask: torch.Tensor) -> Packing:
+    """The packing of a (B, S) mask with nonzero entries at real tokens (in any order)."""
+    batch, seqlen = attention_mask.shape
+    keep = attention_mask.reshape(-1) != 0
+    lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
+    indices = torch.nonzero(keep).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max()) if batch else 0
+    return Packing(indices, cu_seqlens, max_seqlen, batch, seqlen)
+
+
+def unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(B, S, ...) -> (T, ...): the rows of the real tokens."""
+    return x.reshape(packing.batch * packing.seqlen, *x.shape[2:])[packing.indices]
+
+
+def pad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(T, ...) -> (B, S, ...), zeros at padded positions."""
+    out = x.new_zeros(packing.batch * packing.seqlen, *x.shape[1:])
+    out = out.index_copy(0, packing.indices, x)  # differentiable, unlike an in-place scatter
+    return out.view(packing.batch, packing.seqlen, *x.shape[1:])

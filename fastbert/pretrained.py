@@ -1,0 +1,218 @@
+"""The base class of every fastbert model: weight initialisation, tying, and checkpoints
+in Hugging Face's format (config.json + model.safetensors or pytorch_model.bin)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import BertConfig
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+# Keys some checkpoints carry that hold no weights of their own.
+_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Keys of other heads that a checkpoint may carry; loading into a model without them drops them.
+_OTHER_HEADS = ("cls.", "classifier.", "qa_outputs.", "pooler.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names every missing, unexpected or mis-shaped key."""
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, or of the (possibly sharded) weights in a directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for index in (SAFE_INDEX, TORCH_INDEX):
+            if os.path.isfile(os.path.join(path, index)):
+                with open(os.path.join(path, index), encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                state: Dict[str, torch.Tensor] = {}
+                for shard in shards:
+                    state.update(read_state_dict(os.path.join(path, shard)))
+                return state
+        for name in (SAFE_WEIGHTS, TORCH_WEIGHTS):
+            if os.path.isfile(os.path.join(path, name)):
+                return read_state_dict(os.path.join(path, name))
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {TORCH_WEIGHTS} in {path}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors, pickle and zip errors alike: the file is unreadable
+        raise CheckpointError(f"could not read checkpoint {path} (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _legacy_name(key: str) -> str:
+    parts = key.split(".")
+    if len(parts) > 1 and parts[-2] == "LayerNorm":
+        parts[-1] = {"gamma": "weight", "beta": "bias"}.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+class BertPreTrainedModel(nn.Module):
+    config_class = BertConfig
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a fastbert.BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    # -- initialisation -----------------------------------------------------------------
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Heads with a decoder share its weight with the word embeddings."""
+
+    # -- conveniences ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def gradient_checkpointing_enable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _convert_keys(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Map a checkpoint's keys onto this model's: legacy gamma/beta names, and a
+        ``bert.`` prefix added or removed as the model and the checkpoint need."""
+        own = self.state_dict().keys()
+        has_prefix = any(k.startswith(self.base_model_prefix + ".") for k in own)
+        out = {}
+        for key, value in state.items():
+            key = _legacy_name(key)
+            if key.startswith("bert.") and not has_prefix:
+                key = key[len("bert."):]
+            elif has_prefix and not key.startswith("bert.") and f"bert.{key}" in own:
+                key = f"bert.{key}"
+            if key.split("bert.")[-1] in _IGNORED:
+                continue
+            out[key] = value
+        return out
+
+    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], strict: bool = False) -> None:
+        """Load a checkpoint's tensors, checking them all first.
+
+        Mis-shaped keys, and missing or unexpected keys of the encoder, raise a
+        :class:`CheckpointError` naming every one of them. A missing head (a fresh
+        classifier on a pre-trained encoder) is initialised and warned about, and another
+        head's weights are dropped, as Hugging Face does, unless ``strict``.
+        """
+        state = self._convert_keys(state)
+        own = self.state_dict()
+        tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+        missing = [k for k in own if k not in state and k not in tied]
+        unexpected = [k for k in state if k not in own]
+        misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                     for k in state if k in own and state[k].shape != own[k].shape]
+
+        def is_head(k):
+            return k.startswith(_OTHER_HEADS)
+        fatal_missing = missing if strict else [k for k in missing if not is_head(k)]
+        fatal_unexpected = unexpected if strict else [k for k in unexpected if not is_head(k)]
+        problems = []
+        if misshaped:
+            problems.append("mis-shaped: " + "; ".join(misshaped))
+        if fatal_missing:
+            problems.append("missing: " + ", ".join(fatal_missing))
+        if fatal_unexpected:
+            problems.append("unexpected: " + ", ".join(fatal_unexpected))
+        if problems:
+            raise CheckpointError(f"the checkpoint does not fit {type(self).__name__}: " + " | ".join(problems))
+        head_missing = [k for k in missing if k not in fatal_missing]
+        if head_missing:
+            warnings.warn(f"{type(self).__name__}: newly initialised (not in the checkpoint): {', '.join(head_missing)}")
+        with torch.no_grad():
+            for key, value in state.items():
+                if key in own:
+                    own[key].copy_(value)
+        self.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], *model_args, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, config: Optional[BertConfig] = None,
+                        strict: bool = False, **kwargs):
+        """A model from a local directory (config.json + weights) or a weights file.
+
+        ``dtype`` and ``device`` place the loaded model (``torch_dtype`` is accepted too);
+        other keyword arguments override config fields (``num_labels=3``…).
+        """
+        dtype = kwargs.pop("torch_dtype", dtype)
+        path = os.fspath(path)
+        if config is None:
+            config_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
+            config = BertConfig.from_pretrained(config_dir)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        config.validate()
+        model = cls(config, *model_args)
+        model.load_checkpoint_state(read_state_dict(path), strict=strict)
+        model.eval()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """config.json + model.safetensors, in the form ``transformers`` loads."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        seen, state = set(), {}
+        for key, value in self.state_dict().items():
+            if value.data_ptr() in seen and key.startswith("cls.predictions.decoder."):
+                continue  # tied to the word embeddings / the prediction bias; HF re-ties on load
+            seen.add(value.data_ptr())
+            state[key] = value.detach().contiguous().cpu()
+        save_file(state, os.path.join(directory, SAFE_WEIGHTS), metadata={"format": "pt"})

@@ -1,0 +1,91 @@
+"""Eager PyTorch references for the five ops.
+
+Each computes in fp32 (fp64 for fp64 inputs) and returns the input dtype. They are the
+ground truth the kernels are tested against and the implementation on devices without a
+kernel. Arguments are validated by ``fastbert.functional``, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the accumulation dtype: fp64 stays fp64, everything else becomes fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """Additive mask entries at or below this count as masked: -inf or the dtype's most
+    negative finite value, which is what Hugging Face writes into its masks."""
+    return torch.finfo(dtype).min if dtype.is_floating_point else float("-inf")
+
+
+def embedding(input_ids, token_type_ids, position_ids, word_weight, position_weight,
+              token_type_weight, ln_weight, ln_bias, eps, dropout_p=0.0, padding_idx=None):
+    """LN(W_word[ids] + W_pos[pos] + W_type[tt]), then dropout; output in the table dtype."""
+    x = (_acc(F.embedding(input_ids, word_weight, padding_idx=padding_idx))
+         + _acc(F.embedding(position_ids, position_weight))
+         + _acc(F.embedding(token_type_ids, token_type_weight)))
+    y = F.layer_norm(x, x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)
+    return F.dropout(y, dropout_p, training=dropout_p > 0).to(word_weight.dtype)
+
+
+def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
+    """LN(dropout(x + x_bias) + residual) over the last dim."""
+    h = _acc(x) if x_bias is None else _acc(x) + _acc(x_bias)
+    h = F.dropout(h, dropout_p, training=dropout_p > 0) + _acc(residual)
+    return F.layer_norm(h, h.shape[-1:], _acc(weight), _acc(bias), eps).to(x.dtype)
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """gelu(x + bias); approximate="none" is the exact erf form, "tanh" the tanh form."""
+    return F.gelu(_acc(x) + _acc(bias), approximate=approximate).to(x.dtype)
+
+
+def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
+    """softmax(scale * scores + mask) over the last dim, then dropout.
+
+    ``mask`` is additive and broadcasts against ``scores`` (HF's (B,1,1,S) or (B,1,S,S)).
+    Entries at or below :func:`masked_value` are masked; a row with every entry masked
+    gives zeros, not NaN and not a uniform distribution.
+    """
+    s = _acc(scores) * scale
+    if mask is not None:
+        masked = mask <= masked_value(mask.dtype)
+        s = (s + _acc(mask)).masked_fill(masked, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = p.masked_fill(torch.isnan(p), 0.0)  # rows with every key masked
+    return F.dropout(p, dropout_p, training=dropout_p > 0).to(scores.dtype)
+
+
+def _attention_padded(q, k, v, keep: Optional[torch.Tensor], scale: float, dropout_p: float):
+    s = torch.einsum("bqhd,bkhd->bhqk", _acc(q), _acc(k)) * scale
+    if keep is not None:
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:
+        p = p.masked_fill(~keep.any(-1)[:, None, None, None], 0.0)  # fully padded sequences
+    p = F.dropout(p, dropout_p, training=dropout_p > 0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, _acc(v)).to(q.dtype)
+
+
+def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """softmax(q kᵀ · scale + key-padding mask) v.
+
+    Padded layout: q, k, v are (B, S, H, D) and ``attention_mask`` (B, S_k) is 1 for real
+    keys. Packed layout: q, k, v are (T, H, D) and ``cu_seqlens`` (B+1, int32) marks where
+    each sequence starts. A query with no real key gets zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is None:
+        keep = None if attention_mask is None else attention_mask.bool()
+        return _attention_padded(q, k, v, keep, scale, dropout_p)
+    bounds = cu_seqlens.tolist()
+    out = [_attention_padded(q[a:b][None], k[a:b][None], v[a:b][None], None, scale, dropout_p)[0]
+           for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out) if out else q.new_empty(q.shape[:-1] + v.shape[-1:])

@@ -1,0 +1,1 @@
+"""Pre-training (masked LM + next sentence prediction) and fine-tuning helpers."""
