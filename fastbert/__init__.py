@@ -8,6 +8,7 @@ from .heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentenceP
                     BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification)
 from .modeling import BertModel
 from .pretrained import BertPreTrainedModel, CheckpointError
+from .tokenizer import BertTokenizer
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ __all__ = [
     "BertConfig", "BertModel", "BertPreTrainedModel", "BertForPreTraining", "BertForMaskedLM",
     "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForTokenClassification",
     "BertForQuestionAnswering", "BertForMultipleChoice", "CheckpointError", "functional",
-    "get_backend", "set_backend", "use_backend",
+    "get_backend", "set_backend", "use_backend", "BertTokenizer",
 ]

