@@ -7,6 +7,7 @@ from .config import BertConfig
 from .heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentencePrediction, BertForPreTraining,
                     BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification)
 from .modeling import BertModel
+from .optimize import optimize
 from .pretrained import BertPreTrainedModel, CheckpointError
 from .tokenizer import BertTokenizer
 
@@ -16,5 +17,5 @@ __all__ = [
     "BertConfig", "BertModel", "BertPreTrainedModel", "BertForPreTraining", "BertForMaskedLM",
     "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForTokenClassification",
     "BertForQuestionAnswering", "BertForMultipleChoice", "CheckpointError", "functional",
-    "get_backend", "set_backend", "use_backend", "BertTokenizer",
+    "get_backend", "set_backend", "use_backend", "BertTokenizer", "optimize",
 ]

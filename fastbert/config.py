@@ -29,6 +29,19 @@ _DEFAULTS: Dict[str, Any] = dict(
     classifier_dropout=None,
     problem_type=None,
     tie_word_embeddings=True,
+    # Generic Hugging Face fields, kept so that config.json round-trips and HF code that
+    # reads them (heads, pipelines, sentence-transformers) finds them.
+    is_decoder=False,
+    add_cross_attention=False,
+    is_encoder_decoder=False,
+    chunk_size_feed_forward=0,
+    output_attentions=False,
+    output_hidden_states=False,
+    return_dict=True,
+    bos_token_id=None,
+    eos_token_id=None,
+    architectures=None,
+    dtype=None,
 )
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gelu_fast", "relu")
@@ -59,6 +72,23 @@ class BertConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first field that fastbert cannot run."""
+        for key in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size", "num_hidden_layers"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "num_hidden_layers" else 1):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError("fastbert implements BERT as an encoder: is_decoder and add_cross_attention must be False")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"problem_type {self.problem_type!r} is not one of 'regression', "
+                             "'single_label_classification', 'multi_label_classification'")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
@@ -67,10 +97,6 @@ class BertConfig:
                              "(fastbert implements BERT's absolute position embeddings)")
         if isinstance(self.hidden_act, str) and self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {_ACTIVATIONS}")
-        for key in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings", "type_vocab_size"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
 
     @property
     def num_labels(self) -> int:
@@ -113,11 +139,12 @@ class BertConfig:
         config = cls.from_json_file(file)
         for key, value in overrides.items():
             setattr(config, key, value)
+        config.validate()
         return config
 
     def to_dict(self) -> Dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["id2label"] = dict(self.id2label)  # int keys in memory, as HF's; JSON writes them as strings
         out["model_type"] = self.model_type
         return out
 

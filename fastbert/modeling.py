@@ -7,7 +7,9 @@ parameters and call ``fastbert.functional``; the kernels are chosen there.
 
 With a 2-D ``attention_mask`` that has padding, the real tokens are gathered once before
 the embedding and every layer runs on the packed tokens; the output is scattered back at
-the end, with zeros at padded positions.
+the end, with zeros at padded positions. Hugging Face computes those positions (padded
+queries still attend to the real keys); no loss or pooler reads them, so real positions,
+pooled outputs and losses with ``-100`` at padding agree with HF.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import functional as fb
@@ -50,7 +53,10 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Not saved (persistent=False), as in HF; kept for code that reads them (tracing, ONNX export).
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(1, config.max_position_embeddings, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
         """Ids of any one shape (padded (B, S) or packed (T,)); returns that shape + (hidden,)."""
@@ -181,6 +187,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs = {}  # passed to torch.utils.checkpoint (HF's gradient_checkpointing_kwargs)
 
     def forward(self, hidden_states, attention_mask=None, packing=None, additive_mask=None,
                 output_attentions=False, output_hidden_states=False):
@@ -188,8 +195,9 @@ class BertEncoder(nn.Module):
         all_probs = [] if output_attentions else None
         for layer in self.layer:
             args = (hidden_states, attention_mask, packing, additive_mask, output_attentions)
-            if self.gradient_checkpointing and self.training:
-                hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                kwargs = {"use_reentrant": False, **self.checkpoint_kwargs}
+                hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, **kwargs)
             else:
                 hidden_states, probs = layer(*args)
             if all_hidden is not None:
@@ -216,14 +224,56 @@ def _keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(keep == 0, torch.finfo(dtype).min).expand(keep.shape).contiguous()
 
 
+# Keyword arguments Hugging Face's BertModel.forward accepts that change nothing for an encoder
+# run without a cache; HF heads pass some of them through.
+_IGNORED_KWARGS = ("use_cache", "num_items_in_batch", "output_router_logits")
+# Features fastbert does not implement (decoder, cache, head masking, caller-packed sequences):
+# refused unless None, rather than silently ignored.
+_UNSUPPORTED_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache", "head_mask",
+                       "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal")
+
+
+def _check_kwargs(kwargs) -> None:
+    for key, value in kwargs.items():
+        if value is None or key in _IGNORED_KWARGS or (key == "is_causal" and value is False):
+            continue
+        if key in _UNSUPPORTED_KWARGS:
+            raise ValueError(f"fastbert.BertModel does not support {key} (it implements BERT as an encoder, "
+                             "without a cache or head masking)")
+        raise TypeError(f"BertModel.forward() got an unexpected keyword argument {key!r}")
+
+
+def _is_int(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.int32, torch.int64)
+
+
 class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` layers, and an optional pooler.
 
-    ``unpad`` (default True) runs the encoder on the packed real tokens when a 2-D
-    ``attention_mask`` has padding. It is skipped under ``torch.compile`` and CUDA-graph
-    capture, where shapes must not depend on the data; then the fused attention takes the
-    key-padding mask instead.
+    ``forward`` takes Hugging Face's arguments and returns its output (``last_hidden_state``,
+    ``pooler_output``, ``hidden_states``, ``attentions``; tuple indexing and
+    ``return_dict=False`` work). ``attention_mask`` may be
+
+    * 2-D (batch, seq_len), nonzero at real tokens: the fused path. Unless ``unpad`` is
+      False, the encoder runs on the packed real tokens and ``last_hidden_state`` and
+      ``hidden_states`` are **zeros at padded positions**; Hugging Face computes values
+      there (padded queries attend to the real keys). Real positions agree.
+    * 3-D (batch, seq_len, seq_len), nonzero where query i may attend to key j
+      (HF 5.x refuses 3-D masks; HF 4.x read them this way).
+    * 4-D (batch, 1 or heads, 1 or seq_len, seq_len): floating point is additive (0 to
+      keep, a large negative value to mask), boolean or integer is 1=keep, as HF's sdpa
+      path reads them.
+
+    3-D and 4-D masks and ``output_attentions=True`` take the unfused path (GEMM, fused
+    scale+mask+softmax, GEMM). A query row whose keys are all masked (a fully padded
+    sequence) gets zero attention probabilities and zero outputs; HF spreads it uniformly.
+
+    ``unpad`` is skipped under ``torch.compile`` and CUDA-graph capture, where shapes must
+    not depend on the data; then the fused attention takes the key-padding mask instead
+    and padded positions hold values computed as in HF.
     """
+
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -239,56 +289,75 @@ class BertModel(BertPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _shape_and_checks(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
+        """Raise a ValueError naming the problem; return (batch, seq_len)."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise ValueError("pass exactly one of input_ids or inputs_embeds"
+                             + (" (both were given)" if input_ids is not None else " (neither was given)"))
         device = self.embeddings.word_embeddings.weight.device
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"input_ids must be an int32 or int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+            if not _is_int(input_ids):
+                raise ValueError(f"input_ids must be an int32 or int64 tensor, got "
+                                 f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
             shape, given = tuple(input_ids.shape), input_ids
         else:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be a floating-point tensor, got "
+                                 f"{getattr(inputs_embeds, 'dtype', type(inputs_embeds).__name__)}")
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"inputs_embeds must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+                raise ValueError(f"inputs_embeds must be (batch, seq_len, {self.config.hidden_size}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
             shape, given = tuple(inputs_embeds.shape[:2]), inputs_embeds
         if given.device != device:
             raise ValueError(f"the inputs are on {given.device} but the model is on {device}")
-        if shape[1] > self.config.max_position_embeddings:
+        if position_ids is None and shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {shape[1]} is longer than max_position_embeddings "
                              f"({self.config.max_position_embeddings}); truncate the input")
         for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-            if t is not None and (t.dim() != 2 or t.shape[1] != shape[1] or t.shape[0] not in (1, shape[0])):
-                raise ValueError(f"{name} must be (batch, seq_len) = {shape}, got {tuple(t.shape)}")
-            if t is not None and t.device != device:
+            if t is None:
+                continue
+            if not _is_int(t):
+                raise ValueError(f"{name} must be an int32 or int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+            if not (t.shape == (shape[1],) or (t.dim() == 2 and t.shape[1] == shape[1] and t.shape[0] in (1, shape[0]))):
+                raise ValueError(f"{name} must be (batch, seq_len) = {shape}, (1, seq_len) or (seq_len,), "
+                                 f"got {tuple(t.shape)}")
+            if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {device}")
         if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
             if attention_mask.device != device:
                 raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
-            ok = {2: (shape,), 3: ((shape[0], shape[1], shape[1]),)}.get(attention_mask.dim())
-            if attention_mask.dim() == 4:
-                ok = (tuple(attention_mask.shape),) if (attention_mask.shape[0] in (1, shape[0]) and attention_mask.shape[2:] in ((1, shape[1]), (shape[1], shape[1]))) else ()
-            if not ok or tuple(attention_mask.shape) not in ok:
-                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit input of shape {shape}: "
-                                 "use (batch, seq_len), (batch, seq_len, seq_len) or (batch, 1|heads, seq_len, seq_len)")
-        return shape, device
+            m, (b, s) = tuple(attention_mask.shape), shape
+            fits = {2: m == (b, s), 3: m == (b, s, s),
+                    4: len(m) == 4 and m[0] in (1, b) and m[1] in (1, self.config.num_attention_heads)
+                    and m[2] in (1, s) and m[3] == s}.get(len(m), False)
+            if not fits:
+                raise ValueError(f"attention_mask of shape {m} does not fit input of shape {shape}: use (batch, seq_len), "
+                                 "(batch, seq_len, seq_len) or (batch, 1|heads, 1|seq_len, seq_len)")
+        return shape
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        unsupported = [k for k, v in kwargs.items() if v is not None and k not in ("use_cache", "past_key_values", "head_mask")]
-        if unsupported or kwargs.get("head_mask") is not None:
-            raise ValueError(f"fastbert.BertModel does not support {', '.join(unsupported or ['head_mask'])} (BERT as an encoder only)")
-        output_attentions = bool(output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False))
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else getattr(self.config, "output_hidden_states", False))
-        return_dict = True if return_dict is None else return_dict
+        _check_kwargs(kwargs)
+        config = self.config
+        output_attentions = bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions)
+        output_hidden_states = bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
+                                    else output_hidden_states)
+        return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        (batch, seqlen), device = self._shape_and_checks(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        batch, seqlen = self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        device = self.embeddings.word_embeddings.weight.device
+        # One index dtype for the three id tensors (the kernels read them alike).
+        index_dtype = input_ids.dtype if input_ids is not None else torch.long
         if position_ids is None:
             position_ids = self.embeddings.position_ids[:, :seqlen]
-        position_ids = position_ids.expand(batch, seqlen)
-        token_type_ids = (torch.zeros((batch, seqlen), dtype=torch.long, device=device) if token_type_ids is None
-                          else token_type_ids.expand(batch, seqlen))
+        position_ids = position_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((batch, seqlen), dtype=index_dtype, device=device)
+        token_type_ids = token_type_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
 
         dtype = inputs_embeds.dtype if inputs_embeds is not None else self.embeddings.word_embeddings.weight.dtype
         key_mask = additive = packing = None
@@ -299,7 +368,7 @@ class BertModel(BertPreTrainedModel):
                 key_mask = attention_mask
         elif attention_mask is not None:
             additive = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
-            if additive.dtype == torch.bool or not additive.is_floating_point() or attention_mask.dim() == 3:
+            if attention_mask.dim() == 3 or not additive.is_floating_point():
                 additive = _keep_to_additive(additive, dtype)
 
         if key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):

@@ -61,6 +61,23 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _resolve_dtype(dtype, config: BertConfig, state: Dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """A torch dtype from ``dtype``: a torch.dtype, its name ("float16"), or "auto" (the
+    config's ``dtype``/``torch_dtype``, else the checkpoint's floating-point dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if name is None:
+            floats = [t.dtype for t in state.values() if t.is_floating_point()]
+            return floats[0] if floats else None
+        dtype = str(name)
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, its name, or 'auto'; got {dtype!r}")
+    return resolved
+
+
 def _legacy_name(key: str) -> str:
     parts = key.split(".")
     if len(parts) > 1 and parts[-2] == "LayerNorm":
@@ -113,10 +130,19 @@ class BertPreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def gradient_checkpointing_enable(self) -> None:
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Recompute each layer in the backward pass (HF's method; the kwargs go to
+        ``torch.utils.checkpoint.checkpoint``, ``use_reentrant=False`` unless given)."""
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
+                m.checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {})
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     def gradient_checkpointing_disable(self) -> None:
         for m in self.modules():
@@ -151,7 +177,7 @@ class BertPreTrainedModel(nn.Module):
         """
         state = self._convert_keys(state)
         own = self.state_dict()
-        tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+        tied = self._tied_keys()
         missing = [k for k in own if k not in state and k not in tied]
         unexpected = [k for k in state if k not in own]
         misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
@@ -173,11 +199,25 @@ class BertPreTrainedModel(nn.Module):
         head_missing = [k for k in missing if k not in fatal_missing]
         if head_missing:
             warnings.warn(f"{type(self).__name__}: newly initialised (not in the checkpoint): {', '.join(head_missing)}")
+        dropped = [k for k in unexpected if k not in fatal_unexpected]
+        if dropped:
+            warnings.warn(f"{type(self).__name__}: checkpoint weights not used (another head): {', '.join(dropped)}")
         with torch.no_grad():
             for key, value in state.items():
                 if key in own:
                     own[key].copy_(value)
         self.tie_weights()
+
+    def _tied_keys(self) -> set:
+        """Keys whose tensor is another key's (the decoder tied to the word embeddings and to
+        the prediction bias): a checkpoint need not carry them, as HF does not save them."""
+        first, tied = {}, set()
+        for key, value in self.state_dict(keep_vars=True).items():
+            if id(value) in first:
+                tied.add(key if key.startswith("cls.") else first[id(value)])
+            else:
+                first[id(value)] = key
+        return tied
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], *model_args, dtype: Optional[torch.dtype] = None,
@@ -196,8 +236,10 @@ class BertPreTrainedModel(nn.Module):
         for key, value in kwargs.items():
             setattr(config, key, value)
         config.validate()
+        state = read_state_dict(path)
+        dtype = _resolve_dtype(dtype, config, state)
         model = cls(config, *model_args)
-        model.load_checkpoint_state(read_state_dict(path), strict=strict)
+        model.load_checkpoint_state(state, strict=strict)
         model.eval()
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
@@ -208,6 +250,7 @@ class BertPreTrainedModel(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
         self.config.architectures = [type(self).__name__]
+        self.config.dtype = str(self.dtype).replace("torch.", "")
         self.config.save_pretrained(directory)
         seen, state = set(), {}
         for key, value in self.state_dict().items():
