@@ -1,0 +1,173 @@
+"""Bias + GELU: y = gelu(x + bias), exact (erf) or tanh form, computed in fp32.
+
+Forward: an elementwise pass over (BLOCK_M, BLOCK_N) tiles, the bias loaded once per tile:
+one read of x and one write of y. x + bias is not stored; backward recomputes it.
+
+Backward: dx = dy · gelu'(x + bias). Each program walks a column block over a range of
+rows and keeps the column sums of dx (the bias gradient) in fp32 registers; the
+per-program partial sums are added by ``layernorm.sum_partials``. No atomics.
+
+Bytes at the minimum (fp16, M×N): forward 2·2MN; backward 3·2MN (dy, x, dx), plus the
+partials (G×N fp32, G ≈ 2 per SM × column blocks) written and read once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .layernorm import _device_info, check_inputs, fastbert_op, launch, sum_partials
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _tanh(u):
+    # tanh from exp: saturates cleanly to ±1 (exp overflows to inf, never to NaN).
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
+def _gelu_and_grad(h, TANH: tl.constexpr, WANT_GRAD: tl.constexpr):
+    """gelu(h), and gelu'(h) when WANT_GRAD (else 0), for fp32 h."""
+    if TANH:
+        k: tl.constexpr = _SQRT_2_OVER_PI
+        t = _tanh(k * (h + 0.044715 * h * h * h))
+        y = 0.5 * h * (1.0 + t)
+        dy = 0.0
+        if WANT_GRAD:
+            dy = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * h * h)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF))
+        y = h * cdf
+        dy = 0.0
+        if WANT_GRAD:
+            dy = cdf + h * _INV_SQRT_2PI * tl.exp(-0.5 * h * h)
+    return y, dy
+
+
+@triton.jit
+def _bias_gelu_fwd(
+    X,  # (M, N) input
+    B,  # (N,) bias
+    Y,  # (M, N) output, X's dtype
+    M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    h = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) + b[None, :]
+    y, _ = _gelu_and_grad(h, TANH, False)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bias_gelu_bwd(
+    DY,  # (M, N) gradient of the output
+    X, B,  # the forward's inputs
+    DX,  # (M, N) gradient of X, X's dtype
+    PART,  # (G, N) fp32 per-program partial column sums of DX (the bias gradient)
+    M, N, rows_per_prog,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        h = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) + b[None, :]
+        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+        _, grad = _gelu_and_grad(h, TANH, True)
+        dx = tl.where(ok, dy * grad, 0.0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+        acc += dx
+    tl.store(PART + pid * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+def _tile(n: int, device: torch.device, elems: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): ~``elems`` elements per tile, at most 1024 columns wide."""
+    block_n = min(triton.next_power_of_2(max(n, 1)), 1024)
+    block_m = max(1, elems // block_n)
+    max_warps = 16 if _device_info(device)[1] else 8
+    return block_m, block_n, min(max(block_m * block_n // 512, 1), max_warps)
+
+
+def _rows(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    return t.contiguous().view(m, n)
+
+
+@fastbert_op("fastbert::bias_gelu_fwd", _bias_gelu_fwd)
+def _fwd(x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> torch.Tensor:
+    n = x.shape[-1]
+    m = math.prod(x.shape[:-1])
+    check_inputs("bias_gelu", 0, x, bias)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    block_m, block_n, num_warps = _tile(n, x.device, 4096)
+    launch(_bias_gelu_fwd, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+           _rows(x, m, n), bias.contiguous(), y, m, n, BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh,
+        num_warps=num_warps)
+    return y
+
+
+@fastbert_op("fastbert::bias_gelu_bwd", _bias_gelu_bwd)
+def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    m = math.prod(x.shape[:-1])
+    check_inputs("bias_gelu", 0, dy, x, bias)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    db = torch.empty(n, dtype=bias.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return dx, db.fill_(0.0)
+    block_m, block_n, num_warps = _tile(n, x.device, 8192)
+    col_blocks = triton.cdiv(n, block_n)
+    # About two programs per SM over the whole grid: each walks several row tiles, so the
+    # partial sums stay a small fraction of the bytes moved.
+    grid_m = max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * _device_info(x.device)[0], col_blocks)))
+    rows_per_prog = triton.cdiv(triton.cdiv(m, grid_m), block_m) * block_m
+    grid_m = triton.cdiv(m, rows_per_prog)
+    part = torch.empty((1, grid_m, n), dtype=torch.float32, device=x.device)
+    launch(_bias_gelu_bwd, (grid_m, col_blocks),
+           _rows(dy, m, n), _rows(x, m, n), bias.contiguous(), dx, part, m, n, rows_per_prog,
+        BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, num_warps=num_warps)
+    sum_partials(part, [db])
+    return dx, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, tanh = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.tanh = tanh
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    return dx, db, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """gelu(x + bias); the signature of ``fastbert.reference.bias_gelu``."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"fastbert.bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate == "tanh")
