@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layernorm import _device_info, check_inputs, fastbert_op, launch, sum_partials
+from .layernorm import _device_info, check_inputs, fastbert_op, launch, new_empty, sum_partials
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -29,8 +29,10 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 @triton.jit
 def _tanh(u):
-    # tanh from exp: saturates cleanly to ±1 (exp overflows to inf, never to NaN).
-    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+    # From exp(-2|u|), which never overflows: saturates cleanly to ±1.
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
 
 
 @triton.jit
@@ -117,7 +119,7 @@ def _fwd(x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> torch.Tensor:
     n = x.shape[-1]
     m = math.prod(x.shape[:-1])
     check_inputs("bias_gelu", 0, x, bias)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = new_empty(x.shape, x.dtype, x.device)
     if m == 0 or n == 0:
         return y
     block_m, block_n, num_warps = _tile(n, x.device, 4096)
@@ -132,8 +134,8 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> T
     n = x.shape[-1]
     m = math.prod(x.shape[:-1])
     check_inputs("bias_gelu", 0, dy, x, bias)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    db = torch.empty(n, dtype=bias.dtype, device=x.device)
+    dx = new_empty(x.shape, x.dtype, x.device)
+    db = new_empty(n, bias.dtype, x.device)
     if m == 0 or n == 0:
         return dx, db.fill_(0.0)
     block_m, block_n, num_warps = _tile(n, x.device, 8192)
@@ -143,7 +145,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> T
     grid_m = max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * _device_info(x.device)[0], col_blocks)))
     rows_per_prog = triton.cdiv(triton.cdiv(m, grid_m), block_m) * block_m
     grid_m = triton.cdiv(m, rows_per_prog)
-    part = torch.empty((1, grid_m, n), dtype=torch.float32, device=x.device)
+    part = new_empty((1, grid_m, n), torch.float32, x.device)
     launch(_bias_gelu_bwd, (grid_m, col_blocks),
            _rows(dy, m, n), _rows(x, m, n), bias.contiguous(), dx, part, m, n, rows_per_prog,
         BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, num_warps=num_warps)

@@ -198,6 +198,8 @@ def sum_partials(part: torch.Tensor, outs) -> None:
     k, g, n = part.shape
     outs = list(outs) + [outs[0]] * (3 - len(outs))
     block_n = 64 if n >= 2048 else 32
+    if _interpreted(_sum_partials):  # the interpreter pays per program, not per element
+        block_n = min(triton.next_power_of_2(n), 1024)
     launch(_sum_partials, (triton.cdiv(n, block_n), k),
            part, outs[0], outs[1], outs[2], g, n, BLOCK_G=64, BLOCK_N=block_n, num_warps=4)
 
@@ -210,6 +212,16 @@ def check_inputs(op: str, n: int, *tensors: Optional[torch.Tensor]) -> None:
     if n > MAX_N:
         raise ValueError(f"fastbert.{op}: rows of {n} elements are too long for the Triton kernel "
                          f"(at most {MAX_N})")
+
+
+# Tests set this so that an element a kernel fails to write shows up as NaN.
+DEBUG_FILL_NAN = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled under DEBUG_FILL_NAN)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if DEBUG_FILL_NAN else t
 
 
 def _rows(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -261,9 +273,9 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: to
     m = math.prod(x.shape[:-1])
     check_inputs("add_layernorm", n, x, residual, weight, bias, x_bias)
     check_dropout("add_layernorm", dropout_p, m * n, seed)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    y = new_empty(x.shape, x.dtype, x.device)
+    mean = new_empty(m, torch.float32, x.device)
+    rstd = new_empty(m, torch.float32, x.device)
     if m == 0 or n == 0:
         return y, mean.fill_(0.0), rstd.fill_(0.0)
     x2, r2 = _rows(x, m, n), _rows(residual, m, n)
@@ -291,12 +303,11 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torc
     check_inputs("add_layernorm", n, dy, x, residual, weight, bias, x_bias)
     check_dropout("add_layernorm", dropout_p, m * n, seed)
     store_dx = not _shares_dx(x, residual, dropout_p)
-    dh = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
-    dx = torch.empty(x.shape if store_dx else (0,), dtype=x.dtype, device=x.device)
-    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-    db = torch.empty(n, dtype=bias.dtype, device=x.device)
-    dxb = torch.empty(n if x_bias is not None else 0, dtype=x.dtype if x_bias is None else x_bias.dtype,
-                      device=x.device)
+    dh = new_empty(x.shape, residual.dtype, x.device)
+    dx = new_empty(x.shape if store_dx else (0,), x.dtype, x.device)
+    dw = new_empty(n, weight.dtype, x.device)
+    db = new_empty(n, bias.dtype, x.device)
+    dxb = new_empty(n if x_bias is not None else 0, x.dtype if x_bias is None else x_bias.dtype, x.device)
     if m == 0 or n == 0:
         return dh, dx, dw.fill_(0.0), db.fill_(0.0), dxb.fill_(0.0)
     x2, r2, dy2 = _rows(x, m, n), _rows(residual, m, n), _rows(dy, m, n)
@@ -305,7 +316,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torc
     rows_per_prog = triton.cdiv(triton.cdiv(m, grid), block_m) * block_m
     grid = triton.cdiv(m, rows_per_prog)
     k = 3 if x_bias is not None else 2
-    part = torch.empty((k, grid, n), dtype=torch.float32, device=x.device)
+    part = new_empty((k, grid, n), torch.float32, x.device)
     launch(_add_layernorm_bwd, (grid,),
            dy2, x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), mean, rstd,
         x2 if seed is None else seed, dh, dx if store_dx else dh, part, m, n, rows_per_prog, dropout_p,

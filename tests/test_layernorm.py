@@ -1,0 +1,202 @@
+"""add_layernorm: the Triton kernel (through fastbert.functional under the "triton" backend)
+against the eager reference, forward and every gradient, and its dropout."""
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import functional as fb
+from fastbert.kernels import layernorm as kernels
+from utils import ATOL, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
+
+EPS = 1e-12
+NAMES = ("x", "residual", "weight", "bias", "x_bias")
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(kernels, "DEBUG_FILL_NAN", True)
+
+
+def inputs(shape, with_x_bias=True):
+    n = shape[-1]
+    return {"x": randn(*shape), "residual": randn(*shape), "weight": 1 + 0.5 * randn(n), "bias": randn(n),
+            "x_bias": randn(n) if with_x_bias else None}
+
+
+def run(backend, master, dtypes, dy, dropout_p=0.0, eps=EPS):
+    """Output and the gradient of every tensor input, for copies of ``master`` cast to ``dtypes``."""
+    leaves = {k: None if v is None else v.to(dtypes[k]).requires_grad_() for k, v in master.items()}
+    with fastbert.use_backend(backend):
+        out = fb.add_layernorm(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"], eps,
+                               x_bias=leaves["x_bias"], dropout_p=dropout_p)
+    names = [k for k in NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], dy.to(out.dtype))
+    return out.detach(), dict(zip(names, grads))
+
+
+def check_parity(master, dtypes, dy, atol):
+    out, grads = run("triton", master, dtypes, dy)
+    same, same_grads = run("eager", master, dtypes, dy)
+    # float64 copies of the very inputs the kernel saw (rounded to their dtypes)
+    rounded = {k: None if v is None else v.to(dtypes[k]) for k, v in master.items()}
+    ref, ref_grads = run("eager", rounded, {k: torch.float64 for k in master}, dy.to(dtypes["x"]))
+    assert out.dtype == dtypes["x"]
+    assert_lowp_close(out, same, ref, atol)
+    for k, g in grads.items():
+        assert g.dtype == dtypes[k], k
+        assert_lowp_close(g, same_grads[k], ref_grads[k], atol, what=f"d{k}")
+
+
+@dtype_params()
+@pytest.mark.parametrize("shape", [(3, 37, 96), (5, 7, 384), (1, 768), (2, 3, 1000), (2, 1024), (2, 4096)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype):
+    master = inputs(shape, with_x_bias=shape[-1] != 1000)
+    check_parity(master, {k: dtype for k in master}, randn(*shape), ATOL[dtype])
+
+
+def test_mixed_dtypes_like_autocast():
+    """fp16 activations with fp32 LayerNorm parameters; each gradient in its input's dtype."""
+    master = inputs((4, 9, 96))
+    dtypes = {"x": torch.float16, "residual": torch.float32, "weight": torch.float32, "bias": torch.float32,
+              "x_bias": torch.float16}
+    check_parity(master, dtypes, randn(4, 9, 96), ATOL[torch.float16])
+
+
+def test_non_contiguous_inputs_and_gradient():
+    x = randn(96, 13).t()  # (13, 96), transposed
+    r = randn(2, 13, 96)[1]
+    w, b = randn(192)[::2], randn(96)
+    dy = randn(96, 13).t()
+    xs = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    with fastbert.use_backend("triton"):
+        out = fb.add_layernorm(*xs, EPS)
+    grads = torch.autograd.grad(out, xs, dy)
+    ys = [t.contiguous().requires_grad_() for t in (x, r, w, b)]
+    with fastbert.use_backend("eager"):
+        ref = fb.add_layernorm(*ys, EPS)
+    ref_grads = torch.autograd.grad(ref, ys, dy.contiguous())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)
+
+
+def test_broadcast_gradient_from_sum():
+    """out.sum().backward() hands the kernel a stride-0 gradient."""
+    master = inputs((3, 96))
+    leaves = {k: v.clone().requires_grad_() for k, v in master.items()}
+    with fastbert.use_backend("triton"):
+        fb.add_layernorm(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"], EPS,
+                         x_bias=leaves["x_bias"]).sum().backward()
+    _, ref_grads = run("eager", master, {k: torch.float64 for k in master}, torch.ones(3, 96, device=DEVICE))
+    for k in NAMES:
+        torch.testing.assert_close(leaves[k].grad, ref_grads[k].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_empty_input():
+    master = inputs((0, 96))
+    out, grads = run("triton", master, {k: torch.float32 for k in master}, randn(0, 96))
+    assert out.shape == (0, 96) and grads["x"].shape == (0, 96) and grads["residual"].shape == (0, 96)
+    for k in ("weight", "bias", "x_bias"):
+        assert torch.equal(grads[k], torch.zeros(96, device=DEVICE)), k
+
+
+def test_refuses_what_it_cannot_run():
+    with fastbert.use_backend("triton"):
+        with pytest.raises(ValueError, match="float64"):
+            fb.add_layernorm(randn(2, 8, dtype=torch.float64), randn(2, 8, dtype=torch.float64),
+                             randn(8, dtype=torch.float64), randn(8, dtype=torch.float64), EPS)
+        with pytest.raises(ValueError, match="too long"):
+            n = kernels.MAX_N + 1
+            fb.add_layernorm(randn(1, n), randn(1, n), randn(n), randn(n), EPS)
+
+
+def test_dropout_mask_is_consistent_between_forward_and_backward():
+    """With dropout the kernel's dx is d residual scaled by 1/(1-p) where kept and 0 where
+    dropped; that keep mask, fed to a float64 computation, reproduces the forward output
+    and every gradient; the keep rate is 1-p within 5 sigma."""
+    p, shape = 0.3, (3, 37, 96)
+    master, dy = inputs(shape), randn(*shape)
+    out, grads = run("triton", master, {k: torch.float32 for k in master}, dy, dropout_p=p)
+    keep = grads["x"] != 0
+    torch.testing.assert_close(grads["x"], torch.where(keep, grads["residual"] / (1 - p), 0.0), rtol=1e-6, atol=0)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+
+    leaves = {k: v.double().requires_grad_() for k, v in master.items()}
+    h = (leaves["x"] + leaves["x_bias"]) * keep / (1 - p) + leaves["residual"]
+    ref = torch.nn.functional.layer_norm(h, (96,), leaves["weight"], leaves["bias"], EPS)
+    ref_grads = torch.autograd.grad(ref, [leaves[k] for k in NAMES], dy.double())
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    for k, rg in zip(NAMES, ref_grads):
+        torch.testing.assert_close(grads[k], rg.float(), atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_dropout_follows_the_torch_seed():
+    master, dy = inputs((4, 96)), randn(4, 96)
+    fp32 = {k: torch.float32 for k in master}
+    torch.manual_seed(123)
+    a, _ = run("triton", master, fp32, dy, dropout_p=0.5)
+    torch.manual_seed(123)
+    b, _ = run("triton", master, fp32, dy, dropout_p=0.5)
+    c, _ = run("triton", master, fp32, dy, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_opcheck():
+    x, r = randn(3, 16, requires_grad=True), randn(3, 16, requires_grad=True)
+    w, b, xb = (randn(16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.fastbert.add_layernorm_fwd.default, (x, r, w, b, 1e-5, xb, 0.0, None))
+    dy = randn(3, 16)
+    _, mean, rstd = torch.ops.fastbert.add_layernorm_fwd(x, r, w, b, 1e-5, xb, 0.0, None)
+    torch.library.opcheck(torch.ops.fastbert.add_layernorm_bwd.default, (dy, x, r, w, b, xb, mean, rstd, 0.0, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: BERT shapes, bf16, wide rows, torch.compile
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", [(32, 128, 768), (8, 512, 1024), (2, 3, 8192), (7, 5000), (3, 16384)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_matches_reference(shape, dtype):
+    master = inputs(shape)
+    check_parity(master, {k: dtype for k in master}, randn(*shape), ATOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_matches_reference_with_the_same_mask():
+    p, shape = 0.1, (16, 128, 768)
+    master, dy = inputs(shape), randn(*shape)
+    out, grads = run("triton", master, {k: torch.float32 for k in master}, dy, dropout_p=p)
+    keep = grads["x"] != 0
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5
+    h = (master["x"].double() + master["x_bias"].double()) * keep / (1 - p) + master["residual"].double()
+    ref = torch.nn.functional.layer_norm(h, (768,), master["weight"].double(), master["bias"].double(), EPS)
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    fastbert.ops.load_kernel("add_layernorm")
+    master, dy = inputs((8, 128, 768)), randn(8, 128, 768)
+    fp16 = {k: torch.float16 for k in master}
+
+    def f(x, r, w, b, xb):
+        return fastbert.functional.add_layernorm(x, r, w, b, EPS, x_bias=xb) * 2
+
+    with fastbert.use_backend("triton"):
+        compiled = torch.compile(f, fullgraph=True)
+        leaves = [master[k].to(torch.float16).requires_grad_() for k in NAMES]
+        out = compiled(*leaves)
+        grads = torch.autograd.grad(out, leaves, dy.half())
+    ref, ref_grads = run("eager", master, fp16, dy)
+    torch.testing.assert_close(out, 2 * ref, atol=2e-2, rtol=1e-2)
+    for k, g in zip(NAMES, grads):
+        torch.testing.assert_close(g, 2 * ref_grads[k], atol=5e-2, rtol=1e-2, msg=k)
+
