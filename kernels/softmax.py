@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._dropout import check_dropout, draw_seed, keep_mask
-from .layernorm import check_inputs, fastbert_op, launch, row_config
+from .layernorm import check_inputs, fastbert_op, launch, new_empty, row_config
 
 
 @triton.jit
@@ -125,8 +125,8 @@ def _fwd(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float, dropo
     m = math.prod(scores.shape[:-1])
     check_inputs("softmax_mask", n, scores, mask)
     check_dropout("softmax_mask", dropout_p, m * n, seed)
-    y = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
-    lse = torch.empty(m, dtype=torch.float32, device=scores.device)
+    y = new_empty(scores.shape, scores.dtype, scores.device)
+    lse = new_empty(m, torch.float32, scores.device)
     if m == 0 or n == 0:
         return y, lse.fill_(float("-inf"))
     s2 = scores.contiguous().view(m, n)
@@ -147,7 +147,7 @@ def _bwd(dy: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor], l
     m = math.prod(scores.shape[:-1])
     check_inputs("softmax_mask", n, dy, scores, mask)
     check_dropout("softmax_mask", dropout_p, m * n, seed)
-    ds = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    ds = new_empty(scores.shape, scores.dtype, scores.device)
     if m == 0 or n == 0:
         return ds
     s2 = scores.contiguous().view(m, n)
