@@ -375,3 +375,16 @@ def test_untied_word_embeddings_match_transformers():
     a.loss.backward(), b.loss.backward()
     check("untied decoder grad", fb.cls.predictions.decoder.weight.grad, hf.cls.predictions.decoder.weight.grad)
     check("untied word grad", fb.bert.embeddings.word_embeddings.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad)
+
+
+def test_inference_mode_matches_no_grad():
+    """sentence-transformers and pipelines run under torch.inference_mode, whose tensors
+    carry no version counter."""
+    hf, fb = _model_pair()
+    ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
+    with torch.no_grad():
+        ref = fb(ids, attention_mask=mask).last_hidden_state
+    with torch.inference_mode():
+        for _ in range(2):  # the second call meets the cached fused QKV weight
+            out = fb(ids, attention_mask=mask).last_hidden_state
+            assert torch.equal(out, ref)
