@@ -1,0 +1,318 @@
+"""Fused attention, flash-style: ``softmax(q kᵀ · scale + key-padding mask) v`` without ever
+forming the S×S score matrix.
+
+One kernel family serves both layouts. Padded q, k, v are (B, S, H, D) with an optional
+(B, S_k) key-padding mask of any dtype (nonzero = real key), read one key block at a time,
+so masks need not be prefixes. Packed q, k, v are (T, H, D) with ``cu_seqlens``; sequence b
+owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``. Tensors are read through their strides, so the
+(…, 3, H, D) views the model slices out of its fused QKV projection are never copied.
+
+The forward keeps a running max and sum per query row (online softmax) over key blocks and
+saves the natural-log log-sum-exp in fp32, (H, rows); a row with no real key gets zeros and
+a log-sum-exp of +inf, which makes every recomputed probability in the backward exactly 0.
+Head dims are padded to a power of two (at least 16) inside the kernel with masked loads.
+fp16/bf16 multiply on tensor cores with fp32 accumulation; fp32 inputs use exact fp32
+products (``input_precision="ieee"``), not tf32, so fp32 matches the eager reference to
+fp32 rounding. fp64 inputs and head dims over 256 run the eager reference.
+
+Dropout draws Philox numbers in-kernel (``tl.rand``) from a seed that
+:func:`attention` takes from torch's generator on the tensor's device (capture-safe under
+CUDA graphs); the backward regenerates the same mask. :func:`dropout_mask` returns that
+mask for tests.
+
+Both directions are ``torch.library.triton_op`` custom ops (``fastbert::attention_fwd``,
+``fastbert::attention_bwd``) joined by ``register_autograd``, so autograd and
+``torch.compile(fullgraph=True)`` see through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+from fastbert import reference
+from fastbert.backend import triton_interpreted
+
+from .attention_bwd import _dropout_keep, _seq_bounds, fit_stages, launch_backward, max_shared_mem, strides4
+
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, start_n, len_k, d_ok, dv_ok,
+              seed, bh, drop_stride, dropout_p, qk_scale,
+              BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax. ``BOUNDS`` masks keys past the sequence end (only
+    the last block needs it); ``HAS_MASK`` applies the key-padding mask."""
+    PREC: tl.constexpr = "ieee" if IEEE else "tf32"  # fp32 inputs: exact fp32 products, not tf32
+    kn = start_n + offs_n
+    if BOUNDS:
+        n_ok = kn < len_k
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    else:
+        n_ok = kn >= 0
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+    if HAS_MASK:
+        n_ok = n_ok & (tl.load(mask_ptrs, mask=n_ok, other=0) != 0)
+    s = tl.dot(q, tl.trans(k), None, input_precision=PREC) * qk_scale  # log2 domain
+    if BOUNDS or HAS_MASK:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no real key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m[:, None] * drop_stride + kn[None, :], dropout_p)
+        p = tl.where(keep, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,                      # inputs, any strides
+    O,                            # output (contiguous, shaped like Q with V's head dim)
+    LSE,                          # fp32 (H, rows): natural-log log-sum-exp per query row
+    KeyMask,                      # (B, S_k) key-padding mask, nonzero = real key (read only if HAS_MASK)
+    CuSeqlens,                    # (B+1,) int32 sequence starts (read only if PACKED)
+    Seed,                         # (1,) int64 dropout seed (read only if DROPOUT)
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh,
+    stride_mb, stride_mn, stride_lh, stride_lb,
+    num_heads, seqlen_q, seqlen_k, drop_stride, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // num_heads, bh % num_heads
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64, start64 = b.to(tl.int64), start.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q = tl.load(Q + b64 * stride_qb + start64 * stride_qm + h * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + b64 * stride_kb + start64 * stride_kn + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b64 * stride_vb + start64 * stride_vn + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_ptrs = KeyMask + b64 * stride_mb + offs_n * stride_mn
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    full = (len_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
+                                  mask_ptrs + start_n * stride_mn, offs_m, offs_n, start_n, len_k, d_ok, dv_ok,
+                                  seed, bh, drop_stride, dropout_p, qk_scale,
+                                  BOUNDS=False, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE)
+    if full < len_k:
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs + full * stride_kn, v_ptrs + full * stride_vn,
+                                  mask_ptrs + full * stride_mn, offs_m, offs_n, full, len_k, d_ok, dv_ok,
+                                  seed, bh, drop_stride, dropout_p, qk_scale,
+                                  BOUNDS=True, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE)
+
+    empty = l_i == 0.0  # no real key: zeros out, +inf log-sum-exp
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + h * stride_lh + b64 * stride_lb + start64 + offs_m, lse, mask=m_ok)
+    tl.store(O + b64 * stride_ob + (start64 + offs_m[:, None]) * stride_om + h * stride_oh + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, Seed, stride_b, stride_h, stride_m, num_heads, seqlen_q, seqlen_k, drop_stride,
+                         dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), bh, offs_m[:, None] * drop_stride + offs_n[None, :], dropout_p)
+    b, h = bh // num_heads, bh % num_heads
+    tl.store(Keep + b.to(tl.int64) * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_n[None, :],
+             keep.to(tl.int8), mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def fwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv: int, max_seqlen: int) -> FwdConfig:
+    """Forward block sizes: tiny on the interpreter; on the GPU, 128 queries per program
+    against 64-key blocks for head dims up to 128 (the shape Triton's fused-attention
+    tutorial finds best on A100/H100 at D=64), 8 warps for D=128, smaller tiles for fp32 and
+    D=256, and 64 queries when every sequence is that short. Stages shrink to fit shared memory."""
+    if device.type != "cuda":
+        return FwdConfig(32, 32, 1, 1)
+    width = max(block_d, block_dv)
+    if dtype == torch.float32:
+        cfg = FwdConfig(64, 32, 4, 2)
+    elif width <= 64:
+        cfg = FwdConfig(128 if max_seqlen > 64 else 64, 64, 4, 3)
+    elif width <= 128:
+        cfg = FwdConfig(128 if max_seqlen > 64 else 64, 64, 8, 3)
+    else:
+        cfg = FwdConfig(64, 32, 4, 2)
+    es = torch.finfo(dtype).bits // 8
+    fixed = cfg.block_m * (block_d + cfg.block_n) * es
+    stages = fit_stages(cfg.num_stages, fixed, cfg.block_n * (block_d + block_dv) * es, max_shared_mem(device))
+    return FwdConfig(cfg.block_m, cfg.block_n, cfg.num_warps, stages)
+
+
+def _geometry(q, k, cu_seqlens, max_seqlen):
+    """(packed, batch, seqlen_q, seqlen_k): lengths are the padded ones, or max_seqlen when packed."""
+    if cu_seqlens is not None:
+        return True, cu_seqlens.shape[0] - 1, max_seqlen, max_seqlen
+    return False, q.shape[0], q.shape[1], k.shape[1]
+
+
+def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p):
+    packed, batch, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
+    heads, dim, dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
+    out = torch.empty((*q.shape[:-1], dim_v), dtype=q.dtype, device=q.device)
+    rows = q.shape[0] if packed else batch * seqlen_q
+    lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    if batch * heads == 0 or seqlen_q == 0 or _tracing_interpreted(q):
+        return out, lse
+    block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
+    cfg = fwd_config(q.device, q.dtype, block_d, block_dv, seqlen_q)
+    has_mask = key_mask is not None
+    mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
+    wrap_triton(_attn_fwd)[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](
+        q, k, v, out, lse, mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
+        *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(out, packed)[:3],
+        *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
+        heads, seqlen_q, seqlen_k, seqlen_k, scale, dropout_p,
+        HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _tracing_interpreted(t: torch.Tensor) -> bool:
+    """Fake tensors reach the launchers under the interpreter only when the op's fake
+    implementation runs; wrap_triton does not intercept interpreted kernels, so skip them."""
+    return triton_interpreted() and is_fake(t)
+
+
+def _custom_op(name: str):
+    """``triton_op`` on the GPU, so torch.compile sees (and can fuse around) the kernels. Under
+    the interpreter wrap_triton cannot trace, so the op is an opaque ``custom_op`` whose fake
+    implementation is the same function with the launches skipped."""
+    def register(fn):
+        if not triton_interpreted():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+@_custom_op("fastbert::attention_fwd")
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                  cu_seqlens: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen: int,
+                  scale: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp). ``seed`` is a (1,) int64 tensor, required when dropout_p > 0."""
+    return _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p)
+
+
+@_custom_op("fastbert::attention_bwd")
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                  seed: Optional[torch.Tensor], max_seqlen: int, scale: float,
+                  dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's inputs, output and log-sum-exp."""
+    return launch_backward(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, cu_seqlens, seed)
+    ctx.meta = (max_seqlen, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed from torch's generator for ``device`` (a device tensor: no host sync,
+    and CUDA-graph capture records it like any other random op)."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+
+
+def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """The fused kernel behind ``fastbert.functional.attention`` (arguments already checked there).
+
+    For the packed layout ``max_seqlen`` must be at least the longest sequence (as in
+    flash-attn); ``fastbert.functional`` computes it when it is not given.
+    """
+    dim, dim_v = q.shape[-1], v.shape[-1]
+    if q.dtype == torch.float64 or not (0 < dim <= MAX_HEAD_DIM and 0 < dim_v <= MAX_HEAD_DIM):
+        return reference.attention(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   scale=scale, dropout_p=dropout_p)
+    if cu_seqlens is not None and max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    scale = dim ** -0.5 if scale is None else float(scale)
+    seed = draw_seed(q.device) if dropout_p > 0 else None
+    out, _ = attention_fwd(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
+    return out
+
+
+def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The (B, H, S_q, S_k) bool keep-mask the kernels draw for ``seed`` (for tests). For the
+    packed layout pass seqlen_q = seqlen_k = max_seqlen and read sequence b's mask from
+    ``[b, :, :len_b, :len_b]``."""
+    keep = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        block = 64
+        _dropout_mask_kernel[(triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)](
+            keep, seed, keep.stride(0), keep.stride(1), keep.stride(2), heads, seqlen_q, seqlen_k, seqlen_k,
+            float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
