@@ -4,8 +4,8 @@ as ``fastbert.benchmarks``, and the ``fastbert._C`` extension from ``csrc/``.
 Environment switches:
   FASTBERT_SKIP_EXT=1    build no extension (the embedding falls back to the eager reference)
   FASTBERT_SKIP_CUDA=1   build the C++ (CPU) extension only
-  FASTBERT_FORCE_CUDA=1  build the CUDA sources even where torch sees no GPU (needs nvcc)
-  FASTBERT_CUDA_ARCHS    e.g. "8.0;9.0" (default: the local GPU, else 8.0 and 9.0)
+  FASTBERT_FORCE_CUDA=1  build the CUDA sources even where torch sees no GPU (needs a CUDA torch and nvcc)
+  FASTBERT_CUDA_ARCHS    e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST if set, else 8.0 and 9.0)
 """
 
 import glob
@@ -21,28 +21,49 @@ def _flag(name):
     return os.environ.get(name, "0") not in ("", "0")
 
 
+def _nvcc(cuda_home):
+    """The nvcc that torch's build will use, or None."""
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
 def extensions():
+    """fastbert._C: C++ (CPU) always; the CUDA sources too when torch has CUDA and nvcc is found."""
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if _flag("FASTBERT_SKIP_EXT") or not sources:
+        print("fastbert: building without fastbert._C (FASTBERT_SKIP_EXT); the embedding uses the eager reference")
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("fastbert: torch is not importable at build time; building without the extension")
+        print("fastbert: torch is not importable at build time; building without fastbert._C "
+              "(install torch first, then `pip install --no-build-isolation -e .`)")
         return [], {}
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    nvcc = CUDA_HOME and (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
-    use_cuda = (cuda_sources and not _flag("FASTBERT_SKIP_CUDA") and torch.version.cuda is not None and nvcc
-                and (torch.cuda.is_available() or _flag("FASTBERT_FORCE_CUDA")))
-    cxx = ["-O3", "-std=c++17"]
+    nvcc = _nvcc(CUDA_HOME)
+    force = _flag("FASTBERT_FORCE_CUDA")
+    use_cuda = bool(cuda_sources) and not _flag("FASTBERT_SKIP_CUDA") and (torch.cuda.is_available() or force)
+    if use_cuda and (torch.version.cuda is None or nvcc is None):
+        why = "torch is a CPU build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
+        if force:
+            raise RuntimeError(f"fastbert: FASTBERT_FORCE_CUDA=1 but {why}")
+        print(f"fastbert: {why}; building the C++ (CPU) extension only")
+        use_cuda = False
+    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 or C++20, by version)
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
     if use_cuda:
-        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTBERT_CUDA_ARCHS", "8.0;9.0")
-        ext = CUDAExtension("fastbert._C", sources + cuda_sources, define_macros=[("FASTBERT_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
+        # sm_80 and sm_90 by default (A100, H100/H200); TORCH_CUDA_ARCH_LIST or FASTBERT_CUDA_ARCHS override.
+        archs = os.environ.get("FASTBERT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        # A bare token (no quotes or ';' to survive the shell): "8.0;9.0" -> 80_90, stringified in C++.
+        token = "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs.replace(";", " ").split())
+        macros = [("FASTBERT_WITH_CUDA", "1"), ("FASTBERT_CUDA_ARCHS", token)]
+        ext = CUDAExtension("fastbert._C", sources + cuda_sources, define_macros=macros, depends=headers,
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
     else:
-        ext = CppExtension("fastbert._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fastbert._C", sources, depends=headers, extra_compile_args={"cxx": cxx})
     print(f"fastbert: building fastbert._C ({'C++ and CUDA' if use_cuda else 'C++ only'})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
 
