@@ -27,6 +27,7 @@ Both directions are ``torch.library.triton_op`` custom ops (``fastbert::attentio
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -169,20 +170,21 @@ class FwdConfig:
     num_stages: int
 
 
-def fwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv: int, max_seqlen: int) -> FwdConfig:
+@functools.lru_cache(maxsize=None)
+def fwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv: int, short: bool) -> FwdConfig:
     """Forward block sizes: tiny on the interpreter; on the GPU, 128 queries per program
     against 64-key blocks for head dims up to 128 (the shape Triton's fused-attention
     tutorial finds best on A100/H100 at D=64), 8 warps for D=128, smaller tiles for fp32 and
-    D=256, and 64 queries when every sequence is that short. Stages shrink to fit shared memory."""
+    D=256, and 64 queries when every sequence is that ``short``. Stages shrink to fit shared memory."""
     if device.type != "cuda":
         return FwdConfig(32, 32, 1, 1)
     width = max(block_d, block_dv)
     if dtype == torch.float32:
         cfg = FwdConfig(64, 32, 4, 2)
     elif width <= 64:
-        cfg = FwdConfig(128 if max_seqlen > 64 else 64, 64, 4, 3)
+        cfg = FwdConfig(64 if short else 128, 64, 4, 3)
     elif width <= 128:
-        cfg = FwdConfig(128 if max_seqlen > 64 else 64, 64, 8, 3)
+        cfg = FwdConfig(64 if short else 128, 64, 8, 3)
     else:
         cfg = FwdConfig(64, 32, 4, 2)
     es = torch.finfo(dtype).bits // 8
@@ -207,7 +209,7 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
     if batch * heads == 0 or seqlen_q == 0 or _tracing_interpreted(q):
         return out, lse
     block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
-    cfg = fwd_config(q.device, q.dtype, block_d, block_dv, seqlen_q)
+    cfg = fwd_config(q.device, q.dtype, block_d, block_dv, bool(seqlen_q <= 64))
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     wrap_triton(_attn_fwd)[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](

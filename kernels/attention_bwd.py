@@ -228,6 +228,7 @@ class BwdConfig:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv: int) -> BwdConfig:
     """Block sizes for the backward. Small blocks for the interpreter (CPU tests stay fast);
     on the GPU, FlashAttention-2's shape: a tall block of the dimension a program owns and a
@@ -270,7 +271,7 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout.
     delta = torch.empty_like(lse)
     rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
-    block = 16 if q.device.type != "cuda" else 64
+    block = 64 if block_dv <= 128 else 32
     if rows > 0:
         wrap_triton(_attn_bwd_delta)[(triton.cdiv(rows, block), heads, delta_batch)](
             out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
