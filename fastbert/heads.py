@@ -1,6 +1,11 @@
 """BERT with heads: pre-training (masked LM + next sentence prediction) and fine-tuning
 (sequence classification, token classification, question answering, multiple choice).
-Names, arguments, outputs and losses are Hugging Face's."""
+Names, arguments, outputs and losses are Hugging Face's.
+
+Per-token outputs (``logits``, ``prediction_logits``, ``start_logits``…) at padded
+positions come from the zero hidden states the unpadded encoder leaves there (see
+:class:`fastbert.BertModel`), where Hugging Face computes them; losses whose labels ignore
+padding (``-100``) are the same."""
 
 from __future__ import annotations
 
@@ -92,8 +97,9 @@ def _bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs
                 output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
 
 
-def _finish(out, return_dict):
-    return out if return_dict is None or return_dict else out.to_tuple()
+def _finish(out, return_dict, config):
+    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    return out if return_dict else out.to_tuple()
 
 
 def _ce(logits, labels):
@@ -118,7 +124,8 @@ class BertForPreTraining(_WithMLMHead):
         loss = None
         if labels is not None and next_sentence_label is not None:
             loss = _ce(prediction, labels) + _ce(relationship, next_sentence_label)
-        return _finish(BertForPreTrainingOutput(loss, prediction, relationship, out.hidden_states, out.attentions), return_dict)
+        result = BertForPreTrainingOutput(loss, prediction, relationship, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 class BertForMaskedLM(_WithMLMHead):
@@ -134,7 +141,8 @@ class BertForMaskedLM(_WithMLMHead):
                                        output_attentions, output_hidden_states, kwargs))
         logits = self.cls(out.last_hidden_state)
         loss = None if labels is None else _ce(logits, labels)
-        return _finish(MaskedLMOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        result = MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):
@@ -153,7 +161,8 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
                                        output_attentions, output_hidden_states, kwargs))
         logits = self.cls(out.pooler_output)
         loss = None if labels is None else _ce(logits, labels)
-        return _finish(NextSentencePredictorOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        result = NextSentencePredictorOutput(loss, logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 def _classifier_dropout(config: BertConfig) -> nn.Dropout:
@@ -197,7 +206,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
                 loss = _ce(logits, labels)
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        return _finish(SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        result = SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 class BertForTokenClassification(BertPreTrainedModel):
@@ -215,12 +225,18 @@ class BertForTokenClassification(BertPreTrainedModel):
                                        output_attentions, output_hidden_states, kwargs))
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None if labels is None else _ce(logits, labels)
-        return _finish(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        result = TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
     """Span extraction: start and end logits per token. Positions outside the sequence are
-    clamped and ignored by the loss, as in HF."""
+    clamped and ignored by the loss, as in HF.
+
+    HF's loss normalises over every position, padding included. On a padded batch the
+    default unpadded encoder gives the padded positions the logits of a zero hidden state
+    (the bias), so the loss differs slightly from HF's; set ``model.bert.unpad = False`` to
+    reproduce HF's loss exactly (tested)."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -242,7 +258,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
             starts = start_positions.reshape(-1).clamp(0, ignored)
             ends = end_positions.reshape(-1).clamp(0, ignored)
             loss = (F.cross_entropy(start, starts, ignore_index=ignored) + F.cross_entropy(end, ends, ignore_index=ignored)) / 2
-        return _finish(QuestionAnsweringModelOutput(loss, start, end, out.hidden_states, out.attentions), return_dict)
+        result = QuestionAnsweringModelOutput(loss, start, end, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
 
 
 class BertForMultipleChoice(BertPreTrainedModel):
@@ -265,4 +282,5 @@ class BertForMultipleChoice(BertPreTrainedModel):
                                        flat(inputs_embeds, 2), output_attentions, output_hidden_states, kwargs))
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, choices)
         loss = None if labels is None else _ce(logits, labels)
-        return _finish(MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        result = MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict, self.config)
