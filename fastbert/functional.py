@@ -47,9 +47,16 @@ def _check_dropout(op: str, p: float):
         _fail(op, f"dropout_p must be in [0, 1), got {p}")
 
 
+def _cannot_sync(t: torch.Tensor) -> bool:
+    """True while tracing for torch.compile or capturing a CUDA graph: reading values
+    from the device would break the graph or invalidate the capture."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_index_range(op: str, name: str, ids: torch.Tensor, upper: int):
-    """Raise a clear error if any id is outside [0, upper). Reads the ids (a device sync)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    """Raise a clear error if any id is outside [0, upper). Reads the ids (a device sync),
+    so it is skipped under torch.compile and CUDA-graph capture."""
+    if ids.numel() == 0 or _cannot_sync(ids):
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
@@ -153,10 +160,12 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
         _fail(op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         _fail(op, f"cu_seqlens must be 1-D with batch+1 entries, got shape {tuple(cu_seqlens.shape)}")
-    if torch.compiler.is_compiling():
+    if _cannot_sync(cu_seqlens):
         return
-    last, version = _checked_cu_seqlens
-    if last is cu_seqlens and version == cu_seqlens._version:
+    # Inference tensors (torch.inference_mode) have no version counter: check them every time.
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    last, last_version = _checked_cu_seqlens
+    if last is cu_seqlens and version is not None and last_version == version:
         return
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -165,7 +174,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
         _fail(op, f"cu_seqlens must not decrease, got {values}")
     if values[-1] != total:
         _fail(op, f"cu_seqlens ends at {values[-1]} but there are {total} tokens")
-    _checked_cu_seqlens[:] = [cu_seqlens, cu_seqlens._version]
+    _checked_cu_seqlens[:] = [cu_seqlens, version]
 
 
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):

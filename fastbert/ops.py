@@ -56,6 +56,13 @@ def kernel_available(name: str) -> bool:
     return load_kernel(name)[0] is not None
 
 
+def load_kernels() -> None:
+    """Import every op's kernel now. torch.compile cannot trace an import, so a model that
+    is compiled before its first eager call needs its kernels loaded beforehand."""
+    for name in OPS:
+        load_kernel(name)
+
+
 def implementation(name: str, device: torch.device) -> Callable:
     """The function that runs op ``name`` on ``device`` under the current backend."""
     backend = get_backend()
