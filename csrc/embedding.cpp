@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -251,36 +250,42 @@ void fwd_cpu(const EmbeddingArgs& a, const at::Tensor& beta, uint64_t seed, at::
 }
 
 // Table gradient: a stable counting sort of the ids, then each row's tokens summed in token
-// order (the same bits for any thread count).
+// order (the same bits for any thread count). Every row is written once, zeros included: the
+// table is allocated empty, so its pages are first touched in parallel and never twice.
 template <typename scalar_t, typename acc_t>
-void table_grad_cpu(const IdView& ids, int64_t tokens, const acc_t* dx, int64_t H, int64_t skip_row, at::Tensor& grad) {
-  const int64_t n = grad.size(0);
+at::Tensor table_grad_cpu(const IdView& ids, int64_t tokens, const acc_t* dx, int64_t H, int64_t skip_row,
+                          const at::Tensor& table) {
+  const int64_t n = table.size(0);
   std::vector<int64_t> start(n + 1, 0), order(tokens);
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t id = load_id(ids, t);
     if (id >= 0 && id < n) ++start[id + 1];
   }
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1), present;
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t id = load_id(ids, t);
     if (id >= 0 && id < n) order[fill[id]++] = t;
   }
-  for (int64_t i = 0; i < n; ++i)
-    if (start[i + 1] > start[i] && i != skip_row) present.push_back(i);
+  at::Tensor grad = at::empty({n, H}, table.options());
   scalar_t* gp = grad.data_ptr<scalar_t>();
-  at::parallel_for(0, static_cast<int64_t>(present.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(H);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t id = present[u];
+    for (int64_t id = begin; id < end; ++id) {
+      scalar_t* out = gp + id * H;
+      if (start[id + 1] == start[id] || id == skip_row) {
+        std::fill(out, out + H, scalar_t(0));
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t k = start[id]; k < start[id + 1]; ++k) {
         const acc_t* row = dx + order[k] * H;
         for (int64_t j = 0; j < H; ++j) acc[j] += row[j];
       }
-      for (int64_t j = 0; j < H; ++j) gp[id * H + j] = static_cast<scalar_t>(acc[j]);
+      for (int64_t j = 0; j < H; ++j) out[j] = static_cast<scalar_t>(acc[j]);
     }
   });
+  return grad;
 }
 
 constexpr int64_t kCpuBlock = 64;  // tokens per dgamma/dbeta partial: fixed, so the sums never depend on threads
@@ -347,11 +352,9 @@ std::vector<at::Tensor> bwd_cpu(const EmbeddingArgs& a, const at::Tensor& dy, co
       for (int64_t j = j0; j < j1; ++j) sp[j] += pp[blk * 2 * H + j];
   });
   at::Tensor dgamma = params[0].to(param_dtype, false, /*copy=*/true), dbeta = params[1].to(param_dtype, false, true);
-  at::Tensor gw = at::zeros_like(a.word), gp = at::zeros_like(a.pos), gt = at::zeros_like(a.type);
-  table_grad_cpu<scalar_t, acc_t>(a.word_ids.view, T, dxp, H, a.padding_idx, gw);
-  table_grad_cpu<scalar_t, acc_t>(a.pos_ids.view, T, dxp, H, -1, gp);
-  table_grad_cpu<scalar_t, acc_t>(a.type_ids.view, T, dxp, H, -1, gt);
-  return {gw, gp, gt, dgamma, dbeta};
+  return {table_grad_cpu<scalar_t, acc_t>(a.word_ids.view, T, dxp, H, a.padding_idx, a.word),
+          table_grad_cpu<scalar_t, acc_t>(a.pos_ids.view, T, dxp, H, -1, a.pos),
+          table_grad_cpu<scalar_t, acc_t>(a.type_ids.view, T, dxp, H, -1, a.type), dgamma, dbeta};
 }
 
 uint64_t seed_value(const std::optional<at::Tensor>& seed) {
@@ -437,18 +440,17 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
 #endif
 
 // A plain CPython module (no pybind11): importing fastbert._C loads the library, which
-// registers the ops; two attributes describe the build.
+// registers the ops; two functions describe the build.
+static PyObject* py_cuda_built(PyObject*, PyObject*) { return PyBool_FromLong(fastbert::cuda_built()); }
+static PyObject* py_cuda_archs(PyObject*, PyObject*) { return PyUnicode_FromString(FASTBERT_ARCHS_STRING); }
+
+static PyMethodDef fastbert_methods[] = {
+    {"cuda_built", py_cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cuda_archs", py_cuda_archs, METH_NOARGS, "Compute capabilities compiled, e.g. '80_90' (empty without CUDA)."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef fastbert_module = {PyModuleDef_HEAD_INIT, "_C",
                                       "fastbert's C++/CUDA extension: the fused embedding ops live in torch.ops.fastbert",
-                                      -1, nullptr};
+                                      -1, fastbert_methods};
 
-PyMODINIT_FUNC PyInit__C() {
-  PyObject* m = PyModule_Create(&fastbert_module);
-  if (m == nullptr) return nullptr;
-  if (PyModule_AddObject(m, "cuda_built", PyBool_FromLong(fastbert::cuda_built())) < 0 ||
-      PyModule_AddStringConstant(m, "cuda_archs", FASTBERT_ARCHS_STRING) < 0) {  // e.g. "80_90"
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
-}
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&fastbert_module); }

@@ -36,11 +36,14 @@ struct ErrorSlot {
   std::mutex lock;
 };
 
-ErrorSlot& error_slot(int device) {
+ErrorSlot& error_slot(int device, bool capturing) {
   static ErrorSlot slots[64];
   static std::once_flag once[64];
   TORCH_CHECK(device >= 0 && device < 64, "fastbert.embedding: device index ", device, " is not supported");
   ErrorSlot& s = slots[device];
+  // Allocating syncs the device, which graph capture forbids: the warm-up call does it.
+  TORCH_CHECK(!capturing || s.dev != nullptr, "fastbert.embedding: run the embedding once on this device before "
+              "capturing it in a CUDA graph (its first call allocates a buffer, which capture forbids)");
   std::call_once(once[device], [&] {
     C10_CUDA_CHECK(cudaMalloc(&s.dev, sizeof(unsigned long long)));
     C10_CUDA_CHECK(cudaMemset(s.dev, 0xFF, sizeof(unsigned long long)));
@@ -107,8 +110,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fwd_cuda(
   at::Tensor rstd = at::empty_like(mean);
   if (a.tokens == 0) return {out, mean, rstd};
   const int device = word_weight.get_device();
-  ErrorSlot& slot = error_slot(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &capture));
+  ErrorSlot& slot = error_slot(device, capture != cudaStreamCaptureStatusNone);
   cuda::FwdOut o;
   o.out = out.data_ptr();
   o.mean = mean.data_ptr<float>();
@@ -118,10 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fwd_cuda(
   o.param_is_float = a.param_is_float;
   o.eps = static_cast<float>(eps);
   o.err = slot.dev;
-  const bool aligned = aligned16({&a.word, &a.pos, &a.type, &out});
+  const bool aligned = aligned16({&a.word, &a.pos, &a.type, &out, &a.gamma, &beta});
   const Dropout d = dropout(a, seed);
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) {
     dispatch(a.word.scalar_type(), [&](auto z) {
       using T = decltype(z);
@@ -168,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding
   const int device = word_weight.get_device();
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const bool aligned = aligned16({&a.word, &a.pos, &a.type, &dy});
+  const bool aligned = aligned16({&a.word, &a.pos, &a.type, &dy, &a.gamma});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const auto f32 = word_weight.options().dtype(at::kFloat);
   dispatch(a.word.scalar_type(), [&](auto z) {

@@ -125,6 +125,17 @@ __device__ __forceinline__ float load_param(const void* p, int is_float, int64_t
   return is_float ? static_cast<const float*>(p)[j] : to_f(static_cast<const T*>(p)[j]);
 }
 
+// VEC consecutive LayerNorm parameters from column col, in 16-byte loads (the launcher checks alignment).
+template <typename T>
+__device__ __forceinline__ void load_params16(const void* p, int is_float, int col, float* out) {
+  if (is_float) {
+#pragma unroll
+    for (int i = 0; i < Vec<T>::N; i += 4) load16(static_cast<const float*>(p) + col + i, out + i);
+  } else {
+    load16(static_cast<const T*>(p) + col, out);
+  }
+}
+
 // xor butterfly: every lane ends with the same bits (each step adds the same two operands).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -191,8 +202,8 @@ struct FwdOut {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Forward, register-resident: lane l holds NV 16-byte vectors of the row. Needs hidden % VEC == 0
-// and hidden <= 32 * NV * VEC.
+// Forward, register-resident: lane l holds NV 16-byte vectors of the row. Needs hidden % VEC == 0,
+// hidden <= 32 * NV * VEC and 16-byte aligned tables, output and LayerNorm parameters.
 template <typename T, int NV>
 __global__ void __launch_bounds__(kWarps * 32) embedding_fwd_vec_kernel(Tables<T> tb, FwdOut o, Dropout d) {
   constexpr int VEC = Vec<T>::N;
@@ -203,10 +214,9 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_fwd_vec_kernel(Tables<T
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int col = (k * 32 + lane) * VEC;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      g[k][i] = col < H ? load_param<T>(o.gamma, o.param_is_float, col + i) : 0.f;
-      b[k][i] = col < H ? load_param<T>(o.beta, o.param_is_float, col + i) : 0.f;
+    if (col < H) {
+      load_params16<T>(o.gamma, o.param_is_float, col, g[k]);
+      load_params16<T>(o.beta, o.param_is_float, col, b[k]);
     }
   }
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < tb.tokens;
@@ -322,9 +332,9 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_bwd_vec_kernel(Tables<T
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int col = (k * 32 + lane) * VEC;
+    if (col < H) load_params16<T>(io.gamma, io.param_is_float, col, gm[k]);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      gm[k][i] = col < H ? load_param<T>(io.gamma, io.param_is_float, col + i) : 0.f;
       dg[k][i] = 0.f;
       db[k][i] = 0.f;
     }
