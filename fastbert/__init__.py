@@ -4,6 +4,7 @@ embedding kernel, behind Hugging Face's BERT API."""
 from . import functional
 from .backend import get_backend, set_backend, use_backend
 from .config import BertConfig
+from .cuda_graphs import CUDAGraphRunner
 from .heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentencePrediction, BertForPreTraining,
                     BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification)
 from .modeling import BertModel
@@ -17,5 +18,5 @@ __all__ = [
     "BertConfig", "BertModel", "BertPreTrainedModel", "BertForPreTraining", "BertForMaskedLM",
     "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForTokenClassification",
     "BertForQuestionAnswering", "BertForMultipleChoice", "CheckpointError", "functional",
-    "get_backend", "set_backend", "use_backend", "BertTokenizer", "optimize",
+    "CUDAGraphRunner", "get_backend", "set_backend", "use_backend", "BertTokenizer", "optimize",
 ]

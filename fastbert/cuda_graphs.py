@@ -1,0 +1,318 @@
+"""CUDA graphs for low-latency inference.
+
+At batch 1 a BERT forward on a GPU is bound by kernel launches, not by arithmetic: the host
+spends longer issuing ~15 launches per layer than the GPU spends running them. A CUDA graph
+records the whole forward once and replays it with one launch. Graphs need static shapes
+and static memory, so :class:`CUDAGraphRunner` keeps one graph per (batch, length) bucket:
+an input is copied into the top-left corner of the smallest bucket that holds it, the rest
+is filled with pad ids under a zero attention mask, the graph is replayed, and the outputs
+are cut back to the input's batch and length.
+
+Padding a bucket does not change the real positions: BERT's attention masks keys, so a
+masked token is never attended to, and every other op works token by token. The captured
+forward runs the padded layout (``BertModel`` skips unpadding while a stream captures,
+whose gather sizes would depend on the data) and never reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, fields
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .modeling import BertModel
+from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
+
+# Outputs with one row per sequence (no length dim); every other tensor is per token.
+_PER_SEQUENCE_FIELDS = ("pooler_output", "seq_relationship_logits")
+_PER_SEQUENCE_LOGITS = (SequenceClassifierOutput, NextSentencePredictorOutput, MultipleChoiceModelOutput)
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def select_bucket(batch: int, seqlen: int, batch_sizes: Sequence[int],
+                  seq_lens: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """The smallest (batch size, sequence length) bucket that holds a (batch, seqlen) input,
+    or None when the input is larger than the largest bucket in either dim. The bucket
+    lists must be sorted ascending."""
+    b = next((size for size in batch_sizes if size >= batch), None)
+    s = next((size for size in seq_lens if size >= seqlen), None)
+    return None if b is None or s is None else (b, s)
+
+
+def pad_to_bucket(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_type_ids: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor], bucket_batch: int, bucket_len: int, pad_token_id: int) -> torch.Tensor:
+    """The four inputs stacked into one int64 tensor of shape (4, bucket_batch, ..., bucket_len),
+    on the ids' device: the given values in the leading corner; pad ids, mask 0, token type 0
+    and position 0 elsewhere, so rows past the batch are fully masked. The mask becomes
+    0/1; missing token types are 0 and missing positions count from 0, as in the model."""
+    shape = input_ids.shape
+    pad = [0, bucket_len - shape[-1]] + [0, 0] * (input_ids.dim() - 2) + [0, bucket_batch - shape[0]]
+    if attention_mask is None:
+        attention_mask = torch.ones(shape, dtype=torch.long, device=input_ids.device)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros((), dtype=torch.long, device=input_ids.device)
+    if position_ids is None:
+        position_ids = torch.arange(shape[-1], device=input_ids.device)
+    parts = [torch.nn.functional.pad(input_ids.long(), pad, value=pad_token_id),
+             torch.nn.functional.pad(attention_mask.ne(0).long(), pad)]
+    parts += [torch.nn.functional.pad(t.to(device=input_ids.device, dtype=torch.long).expand(shape), pad)
+              for t in (token_type_ids, position_ids)]
+    return torch.stack(parts)
+
+
+def run_bucket(model: nn.Module, inputs: torch.Tensor) -> ModelOutput:
+    """The forward a graph records: the model on the stacked inputs of :func:`pad_to_bucket`."""
+    return model(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2], position_ids=inputs[3],
+                 return_dict=True)
+
+
+def slice_output(out: ModelOutput, batch: int, seqlen: int, bucket_batch: int) -> ModelOutput:
+    """A copy of a bucket's output cut back to ``batch`` sequences of ``seqlen`` tokens.
+
+    The leading dim of every output counts sequences (times the choices of a multiple-choice
+    model, whose hidden states are flattened); per-token outputs have the length at dim 1,
+    attention probabilities at dims 2 and 3. The copies stay valid after the next replay."""
+    sequence_logits = isinstance(out, _PER_SEQUENCE_LOGITS)
+
+    def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t[: t.shape[0] // bucket_batch * batch]
+        if name == "attentions":
+            t = t[:, :, :seqlen, :seqlen]
+        elif name not in _PER_SEQUENCE_FIELDS and not (name == "logits" and sequence_logits):
+            t = t[:, :seqlen]
+        return t.clone()
+
+    values = {}
+    for f in fields(out):
+        value = getattr(out, f.name)
+        if isinstance(value, torch.Tensor):
+            value = cut(f.name, value)
+        elif isinstance(value, tuple):
+            value = tuple(cut(f.name, t) for t in value)
+        values[f.name] = value
+    return type(out)(**values)
+
+
+@contextlib.contextmanager
+def padded_layout(model: nn.Module) -> Iterator[None]:
+    """Run every BertModel inside ``model`` on the padded layout with the key-padding mask,
+    the path a capture takes, so that warm-up compiles and tunes the kernels it will record."""
+    berts = [m for m in model.modules() if isinstance(m, BertModel)]
+    saved = [m.unpad for m in berts]
+    for m in berts:
+        m.unpad = False
+    try:
+        yield
+    finally:
+        for m, unpad in zip(berts, saved):
+            m.unpad = unpad
+
+
+def _sizes(name: str, values) -> Tuple[int, ...]:
+    try:
+        sizes = tuple(values)
+    except TypeError:
+        raise TypeError(f"CUDAGraphRunner: {name} must be a sequence of positive ints, got {values!r}") from None
+    if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"CUDAGraphRunner: {name} must be a non-empty sequence of positive ints, got {values!r}")
+    return tuple(sorted(set(sizes)))
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: torch.Tensor          # (4, bucket_batch, ..., bucket_len) int64, read by every replay
+    output: ModelOutput           # written by every replay
+    keepalive: List[torch.Tensor]  # cached weights the graph reads (the fused QKV)
+
+
+class CUDAGraphRunner:
+    """Runs a fastbert model (``BertModel`` or a ``BertFor*`` head, in eval mode) through
+    CUDA graphs captured per (batch size, sequence length) bucket.
+
+    ``runner(input_ids, attention_mask=None, token_type_ids=None, position_ids=None)``
+    returns the model's output type, cut to the input's batch and length (a copy: later
+    calls do not overwrite it). The bucket is the smallest in ``batch_sizes`` ×
+    ``seq_lens`` that holds the input; its graph is captured on first use, or up front by
+    :meth:`capture_all`; all graphs share one memory pool. Inputs larger than the largest
+    bucket run the eager model (with a warning) or, with ``fallback=False``, raise.
+
+    ``dtype`` casts the model in place (``model.to(dtype)``) before any capture. With
+    ``check_inputs`` (default) ids out of range raise a ValueError before the replay; for
+    inputs already on the GPU that costs one device sync, so servers that trust their
+    tokenizer may turn it off. Inputs on the CPU are copied to the model's device.
+
+    Outputs at real positions equal the eager model's. Padded positions (mask 0) hold
+    values computed as Hugging Face computes them, not the zeros of eager fastbert's
+    unpadded path. A graph reads the parameters where they were at capture and keeps its
+    own copy of the fused QKV weight: after changing the weights or the fastbert backend,
+    call :meth:`reset`.
+    """
+
+    def __init__(self, model: nn.Module, batch_sizes: Sequence[int] = (1, 8, 32),
+                 seq_lens: Sequence[int] = (32, 64, 128, 256, 512), dtype: Optional[torch.dtype] = None, *,
+                 fallback: bool = True, check_inputs: bool = True, warmup_iters: int = 3):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CUDAGraphRunner takes a fastbert model, got {type(model).__name__}")
+        bert = model if isinstance(model, BertModel) else next((m for m in model.modules() if isinstance(m, BertModel)), None)
+        if bert is None:
+            raise TypeError(f"CUDAGraphRunner takes a fastbert model (BertModel or a BertFor* head); "
+                            f"{type(model).__name__} contains no fastbert.BertModel")
+        self.batch_sizes = _sizes("batch_sizes", batch_sizes)
+        self.seq_lens = _sizes("seq_lens", seq_lens)
+        limit = bert.config.max_position_embeddings
+        if self.seq_lens[-1] > limit:
+            raise ValueError(f"CUDAGraphRunner: seq_lens reach {self.seq_lens[-1]} but the model has "
+                             f"max_position_embeddings={limit}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"CUDAGraphRunner: dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 1:
+            raise ValueError(f"CUDAGraphRunner: warmup_iters must be a positive int (capture needs warm-up), got {warmup_iters!r}")
+        if model.training:
+            raise ValueError("CUDAGraphRunner needs the model in eval mode (call model.eval()): "
+                             "a captured graph would replay the same dropout masks")
+        device = bert.embeddings.word_embeddings.weight.device
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"CUDA graphs need a CUDA device, but the model is on {device}; "
+                               "move it first with model.to('cuda')")
+        if dtype is not None:
+            model.to(dtype)
+        self.model, self.device = model, device
+        self.fallback, self.check_inputs, self.warmup_iters = fallback, check_inputs, warmup_iters
+        pad = bert.config.pad_token_id
+        self.pad_token_id = 0 if pad is None else int(pad)
+        emb = bert.embeddings
+        # Upper bounds (exclusive) of the four stacked inputs; the mask is already 0/1.
+        self._limits = (emb.word_embeddings.num_embeddings, 2, emb.token_type_embeddings.num_embeddings,
+                        emb.position_embeddings.num_embeddings)
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: Dict[Tuple[int, Tuple[int, ...], int], _Graph] = {}
+        self._warned = False
+
+    @property
+    def captured(self) -> List[Tuple[int, Tuple[int, ...], int]]:
+        """The buckets captured so far, as (batch size, inner dims, sequence length)."""
+        return sorted(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every graph (and its memory); the next calls capture afresh."""
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def capture_all(self, inner_shape: Sequence[int] = ()) -> None:
+        """Capture every bucket now, largest first so that smaller graphs reuse its memory.
+        ``inner_shape`` is the dims between batch and length: (num_choices,) for
+        BertForMultipleChoice, () otherwise."""
+        inner = tuple(int(d) for d in inner_shape)
+        for b in reversed(self.batch_sizes):
+            for s in reversed(self.seq_lens):
+                if (b, inner, s) not in self._graphs:
+                    self._capture(b, inner, s)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> ModelOutput:
+        if self.model.training:
+            raise RuntimeError("CUDAGraphRunner: the model was switched to training mode; call model.eval()")
+        self._check_shapes(input_ids, attention_mask, token_type_ids, position_ids)
+        batch, seqlen = input_ids.shape[0], input_ids.shape[-1]
+        bucket = select_bucket(batch, seqlen, self.batch_sizes, self.seq_lens)
+        if bucket is None:
+            return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
+        key = (bucket[0], tuple(input_ids.shape[1:-1]), bucket[1])
+        inputs = pad_to_bucket(input_ids, attention_mask, token_type_ids, position_ids, bucket[0], bucket[1],
+                               self.pad_token_id)
+        if self.check_inputs:
+            self._check_ranges(inputs)
+        graph = self._graphs.get(key) or self._capture(*key)
+        with torch.cuda.device(self.device), torch.no_grad():
+            graph.inputs.copy_(inputs)
+            graph.graph.replay()
+            return slice_output(graph.output, batch, seqlen, bucket[0])
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_shapes(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"CUDAGraphRunner: input_ids must be an int32 or int64 tensor, "
+                             f"got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() < 2 or 0 in input_ids.shape:
+            raise ValueError(f"CUDAGraphRunner: input_ids must be a non-empty (batch, ..., seq_len) tensor, "
+                             f"got shape {tuple(input_ids.shape)}")
+        for name, t in zip(_INPUTS[1:], (attention_mask, token_type_ids, position_ids)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() and name != "attention_mask":
+                raise ValueError(f"CUDAGraphRunner: {name} must be an integer tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+            try:
+                fits = torch.broadcast_shapes(t.shape, input_ids.shape) == input_ids.shape
+            except RuntimeError:
+                fits = False
+            if not fits or (name == "attention_mask" and t.shape != input_ids.shape):
+                raise ValueError(f"CUDAGraphRunner: {name} of shape {tuple(t.shape)} does not fit input_ids of shape "
+                                 f"{tuple(input_ids.shape)} (only a 2-D key-padding attention_mask is supported)")
+
+    def _check_ranges(self, inputs: torch.Tensor) -> None:
+        """Raise a ValueError naming the first input whose ids fall outside its table (one
+        host read; a sync when the inputs are on the GPU)."""
+        flat = inputs.view(4, -1)
+        limits = torch.tensor(self._limits, device=inputs.device)[:, None]
+        if not bool(((flat < 0) | (flat >= limits)).any()):
+            return
+        for name, row, limit in zip(_INPUTS, flat, self._limits):
+            lo, hi = int(row.min()), int(row.max())
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"CUDAGraphRunner: {name} contains {lo if lo < 0 else hi}, outside the valid range [0, {limit})")
+
+    def _eager(self, input_ids, attention_mask, token_type_ids, position_ids) -> ModelOutput:
+        shape = (input_ids.shape[0], input_ids.shape[-1])
+        message = (f"CUDAGraphRunner: an input of batch {shape[0]} and length {shape[1]} exceeds the largest bucket "
+                   f"(batch {self.batch_sizes[-1]}, length {self.seq_lens[-1]})")
+        if not self.fallback:
+            raise ValueError(message + "; add a larger bucket or pass fallback=True to run it eagerly")
+        if not self._warned:
+            warnings.warn(message + "; running the eager model for such inputs", stacklevel=3)
+            self._warned = True
+        moved = [None if t is None else t.to(self.device) for t in (input_ids, attention_mask, token_type_ids, position_ids)]
+        with torch.no_grad():
+            return self.model(**dict(zip(_INPUTS, moved)), return_dict=True)
+
+    def _capture(self, bucket_batch: int, inner: Tuple[int, ...], bucket_len: int) -> _Graph:
+        shape = (bucket_batch, *inner, bucket_len)
+        inputs = torch.empty((4, *shape), dtype=torch.long, device=self.device)
+        inputs[0].fill_(self.pad_token_id)
+        inputs[1].fill_(1)
+        inputs[2].zero_()
+        inputs[3].copy_(torch.arange(bucket_len, device=self.device).expand(shape))
+        with torch.cuda.device(self.device), torch.no_grad(), padded_layout(self.model):
+            # Warm-up on a side stream (as PyTorch asks) compiles and tunes every kernel and
+            # fills the model's caches, so the capture itself only records launches.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    run_bucket(self.model, inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = run_bucket(self.model, inputs)
+        keepalive = [t for m in self.model.modules() for t in _cached_tensors(m)]
+        entry = _Graph(graph, inputs, output, keepalive)
+        self._graphs[(bucket_batch, inner, bucket_len)] = entry
+        return entry
+
+    def __repr__(self) -> str:
+        return (f"CUDAGraphRunner({type(self.model).__name__}, batch_sizes={self.batch_sizes}, "
+                f"seq_lens={self.seq_lens}, captured={len(self._graphs)})")
+
+
+def _cached_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    """Tensors a module caches between calls (the fused QKV weight) that a graph may read:
+    held so that a later cache refresh cannot free memory the graph still reads."""
+    cache = getattr(module, "_qkv_cache", None)
+    return [t for t in cache if isinstance(t, torch.Tensor)] if isinstance(cache, tuple) else []
