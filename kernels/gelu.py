@@ -22,9 +22,9 @@ import triton.language as tl
 
 from .layernorm import _device_info, check_inputs, fastbert_op, launch, new_empty, sum_partials
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
@@ -39,12 +39,11 @@ def _tanh(u):
 def _gelu_and_grad(h, TANH: tl.constexpr, WANT_GRAD: tl.constexpr):
     """gelu(h), and gelu'(h) when WANT_GRAD (else 0), for fp32 h."""
     if TANH:
-        k: tl.constexpr = _SQRT_2_OVER_PI
-        t = _tanh(k * (h + 0.044715 * h * h * h))
+        t = _tanh((h + 0.044715 * h * h * h) * _SQRT_2_OVER_PI)
         y = 0.5 * h * (1.0 + t)
         dy = 0.0
         if WANT_GRAD:
-            dy = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * h * h)
+            dy = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * h * h)
     else:
         cdf = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF))
         y = h * cdf

@@ -7,6 +7,8 @@ import torch
 import fastbert
 from fastbert import functional as fb
 from fastbert.kernels import layernorm as kernels
+from fastbert.kernels import gelu as gelu_kernels
+from test_layernorm import assert_compiles_for_hopper
 from utils import ATOL, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
 
 APPROX = pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -112,6 +114,20 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, 2 * ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], 2 * rdx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], 2 * rdb, atol=1e-4, rtol=1e-5)
+
+
+def test_compiles_for_hopper(monkeypatch, tmp_path):
+    """Compiled for sm_90 without a GPU (see tests/test_layernorm.py); both GELU forms."""
+    monkeypatch.setattr(gelu_kernels, "_device_info", lambda device: (132, True))
+    mod = "fastbert.kernels.gelu"
+    fwd = {"X": "*fp16", "B": "*fp16", "Y": "*fp16", "M": "i32", "N": "i32"}
+    bwd = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "PART": "*fp32", "M": "i32", "N": "i32",
+           "rows_per_prog": "i32"}
+    (fm, fn, fw), (bm, bn, bw) = (gelu_kernels._tile(3072, torch.device("cuda"), e) for e in (4096, 8192))
+    assert_compiles_for_hopper([
+        (mod, "_bias_gelu_fwd", fwd, {"BLOCK_M": fm, "BLOCK_N": fn, "TANH": True}, fw),
+        (mod, "_bias_gelu_bwd", bwd, {"BLOCK_M": bm, "BLOCK_N": bn, "TANH": False}, bw),
+    ], tmp_path)
 
 
 @pytest.mark.gpu

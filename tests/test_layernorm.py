@@ -1,13 +1,18 @@
 """add_layernorm: the Triton kernel (through fastbert.functional under the "triton" backend)
 against the eager reference, forward and every gradient, and its dropout."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fastbert
 from fastbert import functional as fb
 from fastbert.kernels import layernorm as kernels
-from utils import ATOL, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
+from utils import ATOL, CUDA, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
 
 EPS = 1e-12
 NAMES = ("x", "residual", "weight", "bias", "x_bias")
@@ -154,6 +159,87 @@ def test_opcheck():
     _, mean, rstd = torch.ops.fastbert.add_layernorm_fwd(x, r, w, b, 1e-5, xb, 0.0, None)
     torch.library.opcheck(torch.ops.fastbert.add_layernorm_bwd.default, (dy, x, r, w, b, xb, mean, rstd, 0.0, None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled for Hopper without a GPU: the interpreter accepts code that Triton's compiler
+# refuses (non-constexpr globals, say), so the kernels are also compiled for sm_90 here,
+# in a process without TRITON_INTERPRET (Triton ships ptxas).
+# ---------------------------------------------------------------------------------------
+
+_AOT = r"""
+import importlib, json, sys, warnings
+warnings.filterwarnings("ignore")
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(fn, args, constexprs, warps):
+    sig = {a: "constexpr" if a in constexprs else args[a] for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+@triton.jit
+def _known_good(X, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+try:
+    build(_known_good, {"X": "*fp32", "N": "i32"}, {"BLOCK": 128}, 4)
+except Exception as exc:
+    print(json.dumps({"harness": f"{type(exc).__name__}: {exc}"}))
+    sys.exit(0)
+failures = []
+for module, name, args, constexprs, warps in json.loads(sys.argv[1]):
+    try:
+        build(getattr(importlib.import_module(module), name), args, constexprs, warps)
+    except Exception as exc:
+        failures.append(f"{name} {constexprs} num_warps={warps}: {type(exc).__name__}: {str(exc)[-2000:]}")
+print(json.dumps({"failures": failures}))
+"""
+
+
+def hopper_config(monkeypatch, n):
+    """(BLOCK_M, BLOCK_N, num_warps) that the row kernels' launchers pick for width ``n`` on an H100."""
+    monkeypatch.setattr(kernels, "_device_info", lambda device: (132, True))
+    return kernels.row_config(n, torch.device("cuda"))
+
+
+def assert_compiles_for_hopper(specs, tmp_path):
+    """Each (module, kernel, {arg: type}, {constexpr: value}, num_warps) compiles for sm_90."""
+    if CUDA:
+        pytest.skip("the GPU tests compile the kernels for the GPU at hand")
+    script = tmp_path / "aot_compile.py"  # Triton reads a kernel's source from its file
+    script.write_text(_AOT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(specs)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "harness" in result:
+        pytest.skip(f"this Triton cannot compile for sm_90 without a GPU ({result['harness']})")
+    assert not result["failures"], "\n".join(result["failures"])
+
+
+def _ln_args(x, w):
+    common = {"X": x, "XB": x, "R": x, "W": w, "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32",
+              "p": "fp32", "drop_scale": "fp32"}
+    fwd = dict(common, B=w, Y=x, eps="fp32")
+    bwd = dict(common, DY=x, DH=x, DX=x, PART="*fp32", rows_per_prog="i32")
+    return fwd, bwd
+
+
+def test_compiles_for_hopper(monkeypatch, tmp_path):
+    mod = "fastbert.kernels.layernorm"
+    fwd, bwd = _ln_args("*fp16", "*fp32")
+    bm, bn, warps = hopper_config(monkeypatch, 768)
+    flags = {"HAS_XBIAS": True, "DROPOUT": True}
+    assert_compiles_for_hopper([
+        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn), warps),
+        (mod, "_add_layernorm_bwd", bwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn, STORE_DX=True), warps),
+        (mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
+         {"BLOCK_G": 64, "BLOCK_N": 32}, 4),
+    ], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------

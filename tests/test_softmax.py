@@ -8,6 +8,7 @@ import torch
 import fastbert
 from fastbert import functional as fb
 from fastbert.kernels import layernorm as kernels
+from test_layernorm import assert_compiles_for_hopper, hopper_config
 from utils import ATOL, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
 
 SCALE = 0.125
@@ -156,6 +157,20 @@ def test_opcheck():
     _, lse = torch.ops.fastbert.softmax_mask_fwd(s, mask, 0.5, 0.0, None)
     torch.library.opcheck(torch.ops.fastbert.softmax_mask_bwd.default, (randn(2, 3, 4, 5), s, mask, lse, 0.5, 0.0, None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_for_hopper(monkeypatch, tmp_path):
+    """Compiled for sm_90 without a GPU (see tests/test_layernorm.py): mask and dropout on."""
+    mod = "fastbert.kernels.softmax"
+    common = {"MASK": "*fp32", "LSE": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "D1": "i32", "D2": "i32",
+              "ms0": "i32", "ms1": "i32", "ms2": "i32", "msn": "i32", "scale": "fp32", "mask_min": "fp32",
+              "p": "fp32", "drop_scale": "fp32"}
+    bm, bn, warps = hopper_config(monkeypatch, 128)
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_MASK": True, "DROPOUT": True}
+    assert_compiles_for_hopper([
+        (mod, "_softmax_mask_fwd", dict(common, S="*fp16", Y="*fp16"), meta, warps),
+        (mod, "_softmax_mask_bwd", dict(common, DY="*fp16", S="*fp16", DS="*fp16"), meta, warps),
+    ], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
