@@ -80,3 +80,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def matmul_ceiling(dtype: torch.dtype, device: str, n: int = 8192) -> float:
+    """TFLOP/s of one n×n×n matmul in ``dtype`` on ``device``, measured now: the ceiling
+    that a model's useful TFLOP/s is a fraction of (same run, same clocks)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = time_ms(lambda: torch.matmul(a, b), device)
+    return tflops(2.0 * n ** 3, ms)

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (see GPU.md): install in place (building the CUDA
+# extension for sm_90), the GPU tests, compute-sanitizer on the CUDA embedding op, the
+# quick benchmark, and the rest of the test suite on the GPU with whatever time is left.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
+#
+# Everything lands directly in $OUT (at most 8 files): summary.txt, install.log, tests.log,
+# sanitizer.log, bench.log and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
+# Every step runs under `timeout`, within one overall budget (GPU_CHECK_SECONDS, default 460),
+# so a hung step cannot eat the others' time. No network is needed.
+
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TOTAL=${GPU_CHECK_SECONDS:-460}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTBERT_CUDA_ARCHS=${FASTBERT_CUDA_ARCHS:-9.0}
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME CAP_SECONDS LOG COMMAND...: run COMMAND under the smaller of CAP and the time left.
+step() {
+    local name=$1 cap=$2 log=$3; shift 3
+    local left=$((TOTAL - SECONDS - 5))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 15 ]; then
+        say "[$name] skipped: out of time (${SECONDS}s of ${TOTAL}s used)"
+        return 0
+    fi
+    echo "===== $name (limit ${limit}s): $*" >> "$log"
+    local start=$SECONDS
+    timeout -k 15 "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    local note=""
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note=" (timed out)"
+    say "[$name] rc=$rc$note in $((SECONDS - start))s"
+    return $rc
+}
+
+say "gpu_check at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$SUMMARY"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$SUMMARY"
+
+# 1. Install in place; the build needs torch at build time, hence no build isolation.
+step install 200 "$OUT/install.log" $PY -m pip install --no-build-isolation --no-deps -e .
+$PY - >> "$SUMMARY" 2>&1 <<'EOF'
+import fastbert, fastbert.ops
+print("ops:", {k: v[:60] for k, v in fastbert.ops.describe().items()})
+try:
+    from fastbert import _C
+    print("fastbert._C:", {k: getattr(_C, k)() for k in dir(_C) if k.startswith(("build", "cuda", "compiled"))})
+except Exception as exc:
+    print("fastbert._C not importable:", type(exc).__name__, exc)
+EOF
+
+# 2. The GPU tests (BERT shapes, every dtype).
+step "tests -m gpu" 120 "$OUT/tests.log" $PY -m pytest tests -q -m gpu --maxfail=10 -p no:cacheprovider
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 3. compute-sanitizer memcheck on the CUDA embedding op: odd and BERT sizes, every dtype,
+#    forward and backward, and ids out of range (must raise, never read out of bounds).
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+SNIPPET=$(mktemp /tmp/fastbert_sanitize_XXXX.py)
+cat > "$SNIPPET" <<'EOF'
+import torch
+import fastbert
+from fastbert import functional as fb
+assert fastbert.ops.kernel_available("embedding"), fastbert.ops.describe()["embedding"]
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for (batch, seqlen, hidden, vocab) in ((3, 37, 100, 997), (2, 128, 768, 30522), (1, 512, 1024, 30522)):
+        def p(*shape):
+            return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+        word, pos, tt, lnw, lnb = p(vocab, hidden), p(512, hidden), p(2, hidden), p(hidden), p(hidden)
+        ids = torch.randint(0, vocab, (batch, seqlen), device="cuda")
+        types = torch.randint(0, 2, (batch, seqlen), device="cuda")
+        positions = torch.arange(seqlen, device="cuda").expand(batch, seqlen)
+        out = fb.embedding(ids, types, positions, word, pos, tt, lnw, lnb, 1e-12, 0.0, 0)
+        out.float().square().sum().backward()
+        bad = ids.clone()
+        bad[0, -1] = vocab
+        try:
+            fb.embedding(bad, types, positions, word, pos, tt, lnw, lnb, 1e-12)
+            raise SystemExit(f"an out-of-range id did not raise ({dtype}, hidden {hidden})")
+        except (ValueError, RuntimeError, IndexError):
+            pass
+torch.cuda.synchronize()
+print("embedding op under memcheck: ok")
+EOF
+if [ -n "$SAN" ]; then
+    step "sanitizer embedding op" 90 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$SNIPPET"
+    if [ -f tests/test_embedding.py ] && grep -q "sanitizer" tests/test_embedding.py; then
+        step "sanitizer test_embedding" 60 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
+            $PY -m pytest tests/test_embedding.py -q -x -k sanitizer -p no:cacheprovider
+    fi
+    grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    say "[sanitizer] compute-sanitizer not found"
+fi
+rm -f "$SNIPPET"
+
+# 4. The quick benchmark; it stops starting new measurements before its limit and writes
+#    its report as it goes, so a cut leaves every finished number.
+LEFT=$((TOTAL - SECONDS - 70))
+BENCH_CAP=$((LEFT < 200 ? LEFT : 200))
+MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
+step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
+
+# 5. The rest of the suite on the GPU, with the time that is left.
+step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+say ""
+say "== summary (${SECONDS}s) =="
+MD=$(ls -t "$OUT"/bench-*.md 2>/dev/null | head -1)
+if [ -n "$MD" ]; then
+    grep -E "^\| (workload|BERT|train|MiniLM)" "$MD" | cut -d'|' -f2,4,5,8,11 | head -60 | tee -a "$SUMMARY"
+    grep -E "^- " "$MD" | grep -iE "failed|skipped|not run|unavailable" | head -20 | tee -a "$SUMMARY"
+else
+    say "no benchmark report"
+fi
+grep -hE "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -20 | tee -a "$SUMMARY"
+exit 0

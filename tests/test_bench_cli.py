@@ -1,0 +1,193 @@
+"""``fastbert bench``: the command runs end to end at toy sizes and writes reports with the
+promised fields; op suites are discovered, and missing or failing ones are named; the
+FLOP arithmetic matches GPU.md's. Numbers themselves are not checked (they are timings)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fastbert
+import fastbert.cli
+from fastbert.benchmarks import bench_model, cli, report
+from fastbert.benchmarks.common import Measurement
+from fastbert.benchmarks.workloads import BASE, WORKLOADS, model_flops, random_inputs, tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEASUREMENT_KEYS = {"suite", "name", "case", "impl", "mode", "ms", "gbps", "tflops", "extra"}
+PARITY_KEYS = {"parity_of", "max_abs_diff_vs_hf", "max_err_vs_fp32", "hf_eager_err_vs_fp32", "parity_ok"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One real run of the command in a subprocess, as a user would start it."""
+    out = tmp_path_factory.mktemp("bench")
+    workloads = "base-b32-s512-varlen,train-base-b32-s128,minilm-b64"
+    cmd = [sys.executable, "-m", "fastbert", "bench", "--tiny", "--quick", "--no-compile", "--ops", "layernorm",
+           "--workloads", workloads, "--out", str(out)]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    stems = {os.path.splitext(f)[0] for f in files}
+    assert len(stems) == 1, files
+    return out, stems.pop(), proc.stdout
+
+
+def test_bench_writes_json_markdown_and_chart(bench_run):
+    out, stem, stdout = bench_run
+    slug = "cpu" if not torch.cuda.is_available() else r"[a-z0-9-]+"
+    assert re.fullmatch(rf"bench-{slug}-\d{{4}}-\d\d-\d\d-[0-9a-f]{{4,}}(-dirty)?|bench-{slug}-\d{{4}}-\d\d-\d\d-unknown", stem)
+    for ext in ("json", "md", "png"):
+        assert os.path.getsize(out / f"{stem}.{ext}") > 0
+    with open(out / f"{stem}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "fastbert" in stdout and "wrote" in stdout  # the plain table and the paths
+
+
+def test_bench_json_fields(bench_run):
+    out, stem, _ = bench_run
+    with open(out / f"{stem}.json", encoding="utf-8") as f:
+        data = json.load(f)
+    meta = data["meta"]
+    assert data["status"] == "complete"
+    assert meta["device"] and meta["commit"] and meta["date"]
+    assert meta["command"].startswith("fastbert bench") and "--tiny" in meta["command"]
+    assert {"torch", "triton", "cuda", "transformers", "python"} <= set(meta["versions"])
+    assert meta["versions"]["torch"] == torch.__version__
+    assert set(meta["ops"]) == set(fastbert.ops.OPS) == set(meta["ops_on_device"])
+    if not torch.cuda.is_available():
+        assert meta["device"].startswith("CPU")
+        assert any("needs a CUDA GPU" in n for n in data["notes"])  # layernorm was asked for on a CPU
+    assert data["ceilings"] and data["ceilings"]["n"] > 0
+
+    model = [m for m in data["measurements"] if m["suite"] == "model"]
+    for m in model:
+        assert set(m) == MEASUREMENT_KEYS
+        assert m["ms"] > 0 and m["tflops"] > 0
+        assert PARITY_KEYS <= set(m["extra"]), m
+    by_workload = {}
+    for m in model:
+        by_workload.setdefault(m["extra"]["workload"], set()).add(m["impl"])
+    assert {"fastbert", "fastbert-padded", "hf-eager", "hf-sdpa", "native"} <= by_workload["base-b32-s512-varlen"]
+    assert by_workload["train-base-b32-s128"] == {"fastbert", "hf-eager", "hf-sdpa"}
+    if bench_model.C.minilm_path() is not None:
+        assert "fastbert" in by_workload["minilm-b64"]
+    for m in model:  # fastbert agrees with Hugging Face on every workload it ran
+        if m["impl"].startswith("fastbert"):
+            assert m["extra"]["parity_ok"], m
+    native = [m for m in model if m["impl"] == "native"]
+    assert native and all(m["extra"]["fast_path"] and m["extra"]["nested_tensors"] for m in native)
+
+    pairs = {(s["name"], s["vs"]) for s in data["speedups"]}
+    varlen = next(m["name"] for m in model if m["extra"]["workload"] == "base-b32-s512-varlen")
+    assert (varlen, "fastbert-padded") in pairs and (varlen, "hf-eager") in pairs
+    for s in data["speedups"]:
+        assert s["speedup"] == pytest.approx(s["other_ms"] / s["fastbert_ms"])
+
+
+def test_bench_markdown_has_the_tables(bench_run):
+    out, stem, _ = bench_run
+    text = (out / f"{stem}.md").read_text(encoding="utf-8")
+    assert "## Model" in text and "parity ok" in text and "max abs diff vs HF eager" in text
+    assert f"![speed-ups]({stem}.png)" in text
+    if not torch.cuda.is_available():
+        assert "CPU run" in text
+
+
+def _fake_bench(name, run):
+    module = types.ModuleType(name)
+    module.run = run
+    return module
+
+
+def test_op_suites_are_discovered_and_failures_named(monkeypatch):
+    """A present suite is run; a missing, a broken and a failing one become notes."""
+    mod = "fastbert.benchmarks.bench_embedding"
+
+    def good(quick, dtype, device):
+        assert quick is True and dtype is torch.float32 and device == "cpu"
+        return [Measurement("op", "embedding", "3x37x96 fp32", impl, "fwd", ms) for impl, ms in (("fastbert", 1.0), ("eager", 3.0))]
+
+    labels = []
+    monkeypatch.setitem(sys.modules, mod, _fake_bench(mod, good))
+    notes = []
+    got = cli.run_ops(["embedding", "attention"], True, torch.float32, "cpu", notes, labels.append)
+    assert [m.impl for m in got] == ["fastbert", "eager"]
+    assert labels == ["op embedding", "op attention"]
+    assert len(notes) == 1 and "attention" in notes[0] and "needs a CUDA GPU" in notes[0]
+    speedups = report.speedups([m.as_dict() for m in got])
+    assert [(s["vs"], s["speedup"]) for s in speedups] == [("eager", 3.0)]
+
+    def broken(quick, dtype, device):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setitem(sys.modules, mod, _fake_bench(mod, broken))
+    notes = []
+    assert cli.run_ops(["embedding"], True, torch.float32, "cpu", notes, labels.append) == []
+    assert notes and "failed" in notes[0] and "kernel exploded" in notes[0]
+
+    monkeypatch.setitem(sys.modules, mod, None)  # the module cannot be imported
+    notes = []
+    assert cli.run_ops(["embedding"], True, torch.float32, "cpu", notes, labels.append) == []
+    assert notes and "skipped" in notes[0] and mod in notes[0]
+
+
+def test_stems_follow_the_op_registry():
+    assert cli.op_stems() == {"embedding": "embedding", "layernorm": "add_layernorm", "gelu": "bias_gelu",
+                              "softmax": "softmax_mask", "attention": "attention"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "layernorm,nope"], "unknown op"),
+    (["--workloads", "nope"], "unknown workload"),
+    (["--impls", "nope"], "unknown competitor"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys, tmp_path):
+    rc = fastbert.cli.main(["bench", "--tiny", "--out", str(tmp_path)] + argv)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_model_flops_match_gpu_md():
+    """GPU.md: a BERT-base forward at B=32, S=128 is about 715 GFLOP."""
+    flops = model_flops(BASE, [128] * 32)
+    assert flops == pytest.approx(715e9, rel=0.01)
+    assert model_flops(BASE, [128] * 16 + [0] * 16) == pytest.approx(flops / 2, rel=1e-6)  # padding is not useful work
+    train = model_flops(dict(BASE), [128] * 32, train=True)
+    assert train > 3 * flops  # fwd+bwd, plus the vocabulary decoder
+
+
+def test_varlen_inputs_are_right_padded_and_seeded():
+    w = tiny(WORKLOADS["base-b32-s512-varlen"])
+    a, b = random_inputs(w, 997, "cpu"), random_inputs(w, 997, "cpu")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    mask, ids = a["attention_mask"], a["input_ids"]
+    lengths = mask.sum(1)
+    lo, hi = w.lengths
+    assert ((lengths >= lo) & (lengths <= hi)).all()
+    assert torch.equal(mask, (torch.arange(w.seqlen)[None] < lengths[:, None]).long())
+    assert (ids[mask.bool()] > 0).all() and (ids[~mask.bool()] == 0).all()
+
+
+def test_device_slugs():
+    assert report.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert report.device_slug("NVIDIA H200") == "h200"
+    assert report.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert report.device_slug("CPU: AMD EPYC (2 threads)") == "cpu"
+
+
+def test_time_limit_leaves_the_rest_named():
+    """Past the deadline no pair starts; each is reported as not run, none silently dropped."""
+    seen = []
+    suite = bench_model.run_suite(True, torch.float32, "cpu", ["base-b1-s128", "train-base-b32-s128"], tiny_sizes=True,
+                                  compile_=False, deadline=0.0, on_result=lambda m, label: seen.append((m, label)))
+    assert suite.measurements == []
+    expected = bench_model.count_pairs(True, "cpu", ["base-b1-s128", "train-base-b32-s128"], tiny_sizes=True, compile_=False)
+    assert len(seen) == expected > 0 and all(m is None for m, _ in seen)
+    assert sum("time limit" in n for n in suite.notes) == expected
