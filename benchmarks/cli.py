@@ -60,11 +60,16 @@ def _names(value: Optional[str]) -> Optional[List[str]]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def run_ops(stems: List[str], quick: bool, dtype: torch.dtype, device: str, notes: List[str], done) -> List[Measurement]:
+def run_ops(stems: List[str], quick: bool, dtype: torch.dtype, device: str, notes: List[str], done,
+            deadline: Optional[float] = None) -> List[Measurement]:
     from fastbert.ops import OPS
     out = []
     for stem in stems:
         op = OPS[op_stems()[stem]]
+        if deadline is not None and time.monotonic() > deadline:
+            notes.append(f"op {stem}: not run (time limit reached)")
+            done(f"op {stem}")
+            continue
         if not device.startswith("cuda") and not op.native_cpu:
             notes.append(f"op {stem}: not run, its Triton kernel needs a CUDA GPU (the CPU has only the eager reference)")
             done(f"op {stem}")
@@ -169,7 +174,7 @@ def run(args) -> int:
             raise _Terminated()
         previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        for m in run_ops(stems, args.quick, dtype, device, notes, done):
+        for m in run_ops(stems, args.quick, dtype, device, notes, done, deadline):
             data["measurements"].append(m.as_dict())
         bench_model.run_suite(args.quick, dtype, device, workloads, deadline=deadline,
                               on_result=lambda m, label: done(label, m), suite=suite, **kw)

@@ -53,9 +53,15 @@ import fastbert, fastbert.ops
 print("ops:", {k: v[:60] for k, v in fastbert.ops.describe().items()})
 try:
     from fastbert import _C
-    print("fastbert._C:", {k: getattr(_C, k)() for k in dir(_C) if k.startswith(("build", "cuda", "compiled"))})
 except Exception as exc:
     print("fastbert._C not importable:", type(exc).__name__, exc)
+else:
+    for name in ("cuda_built", "cuda_archs"):
+        value = getattr(_C, name, None)
+        try:
+            print(f"fastbert._C.{name}:", value() if callable(value) else value)
+        except Exception as exc:
+            print(f"fastbert._C.{name}: {type(exc).__name__}: {exc}")
 EOF
 
 # 2. The GPU tests (BERT shapes, every dtype).
@@ -119,8 +125,13 @@ say ""
 say "== summary (${SECONDS}s) =="
 MD=$(ls -t "$OUT"/bench-*.md 2>/dev/null | head -1)
 if [ -n "$MD" ]; then
-    grep -E "^\| (workload|BERT|train|MiniLM)" "$MD" | cut -d'|' -f2,4,5,8,11 | head -60 | tee -a "$SUMMARY"
-    grep -E "^- " "$MD" | grep -iE "failed|skipped|not run|unavailable" | head -20 | tee -a "$SUMMARY"
+    grep -E "^\*\*Incomplete" "$MD" | tee -a "$SUMMARY"
+    # Model rows: workload, impl, ms, speed-up, parity; op rows: op, case, impl, mode, ms, speed-up.
+    awk -F'|' '/^## Model/{s="m"} /^## Ops/{s="o"} /^## Notes/{s=""}
+        /^\|/ && !/^\|---/ { if (s=="m") print $2 "|" $4 "|" $5 "|" $8 "|" $11; else if (s=="o") print $2 "|" $3 "|" $4 "|" $5 "|" $6 "|" $9 }' \
+        "$MD" | head -90 | tee -a "$SUMMARY"
+    grep -E "^- " "$MD" | grep -iE "failed|skipped|not run|unavailable|interrupted" | grep -v "compile competitors run on a GPU" \
+        | head -20 | tee -a "$SUMMARY"
 else
     say "no benchmark report"
 fi
