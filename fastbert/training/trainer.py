@@ -1,0 +1,328 @@
+"""The pre-training loop: AdamW with linear warm-up and decay, gradient clipping and
+accumulation, bf16 autocast on the GPU, a progress bar, checkpoints in Hugging Face's format
+with everything needed to resume, and data parallelism through ``torchrun`` and
+``DistributedDataParallel``.
+
+The loss of one optimizer step is the mean over every masked token (and every example, for
+next sentence prediction) in the step's whole batch: across accumulation micro-batches and
+across processes. So N processes, or N accumulated micro-batches, take exactly the step one
+process would take on the combined batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..pretrained import read_state_dict
+
+TRAINER_STATE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str
+    max_steps: int = 1000
+    batch_size: int = 32  # examples per process per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-6
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0  # None or 0: no clipping
+    bf16: Optional[bool] = None  # None: on for CUDA, off for CPU
+    seed: int = 42
+    save_steps: int = 0  # 0: save only at the end
+    logging_steps: int = 10
+    num_workers: int = 0
+    progress: bool = True
+    device: Optional[str] = None  # None: this process's GPU if there is one, else the CPU
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_steps", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+def init_distributed(device: Optional[str] = None) -> tuple:
+    """(rank, world size, device) for this process. Under ``torchrun`` (WORLD_SIZE > 1) it
+    joins the process group: NCCL when training on GPUs, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+class PreTrainingObjective(nn.Module):
+    """Sums of the masked-LM and next-sentence losses of a batch for a ``BertForPreTraining``
+    (fastbert's or Hugging Face's). Only the masked positions go through the vocabulary
+    projection, which is most of the head's cost. This module, not the model, is what
+    DistributedDataParallel wraps, so its forward is what synchronises gradients."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label):
+        out = self.model.bert(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                              return_dict=True)
+        chosen = labels != -100
+        logits = self.model.cls.predictions(out.last_hidden_state[chosen])
+        mlm = F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
+        relationship = self.model.cls.seq_relationship(out.pooler_output)
+        nsp = F.cross_entropy(relationship.float(), next_sentence_label, reduction="sum")
+        return mlm, nsp
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW groups: biases and LayerNorm weights are not decayed (BERT's recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied weights appear once
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the peak over ``warmup_steps``, then linear decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Skip(torch.utils.data.Sampler):
+    """The sampler's order for this epoch, from ``start`` on (to resume mid-epoch)."""
+
+    def __init__(self, sampler: DistributedSampler, start: int):
+        self.indices = list(sampler)[start:]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class Trainer:
+    """Pre-trains a ``BertForPreTraining`` on a dataset of examples batched by a collator
+    (see :mod:`fastbert.training.data` and :mod:`fastbert.training.collator`).
+
+    Run it in one process, or under ``torchrun --nproc_per_node N``: each process then
+    trains on its shard of every batch, rank 0 logs and writes checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, dataset, collator, args: TrainingArguments, tokenizer=None):
+        self.args = args
+        self.rank, self.world_size, self.device = init_distributed(args.device)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.dataset, self.collator, self.tokenizer = dataset, collator, tokenizer
+        self.bf16 = self.device.type == "cuda" if args.bf16 is None else bool(args.bf16)
+        objective = PreTrainingObjective(self.model)
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        self.objective = objective
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, args.weight_decay), lr=args.learning_rate,
+                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        self.scheduler = linear_schedule(self.optimizer, args.warmup_steps, args.max_steps)
+        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                          seed=args.seed, drop_last=False)
+        self.micro_per_epoch = len(self.sampler) // args.batch_size
+        self.steps_per_epoch = self.micro_per_epoch // args.gradient_accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"an epoch has {len(self.sampler)} examples per process, fewer than one step's "
+                             f"{args.batch_size} x {args.gradient_accumulation_steps}; use a smaller batch")
+        self.step = 0
+        self.history: List[Dict] = []
+        torch.manual_seed(args.seed + self.rank)  # dropout: its own stream per process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- data ---------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Micro-batches from the current step on, epoch after epoch."""
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        skip = step_in_epoch * self.args.gradient_accumulation_steps * self.args.batch_size
+        while True:
+            self.sampler.set_epoch(epoch)
+            self.collator.set_epoch(epoch)
+            loader = DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=_Skip(self.sampler, skip),
+                                collate_fn=self.collator, drop_last=True, num_workers=self.args.num_workers,
+                                pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator())  # keeps the global RNG (dropout) untouched
+            usable = self.steps_per_epoch * self.args.gradient_accumulation_steps - skip // self.args.batch_size
+            for k, batch in enumerate(loader):
+                if k >= usable:
+                    break
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    # -- one optimizer step -------------------------------------------------------------
+    def _train_step(self, micro: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        counts = torch.tensor([float(sum(int((m["labels"] != -100).sum()) for m in micro)),
+                               float(sum(len(m["next_sentence_label"]) for m in micro))], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        # DDP averages gradients over processes; scaling by the world size makes the result
+        # the gradient of the mean over the whole step's batch.
+        scale = self.world_size / counts.clamp(min=1)
+        logged = torch.zeros(3, device=self.device)
+        for k, batch in enumerate(micro):
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            last = k == len(micro) - 1
+            sync = self.objective.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    mlm, nsp = self.objective(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                              batch["labels"], batch["next_sentence_label"])
+                (mlm * scale[0] + nsp * scale[1]).backward()
+            logged += torch.stack([mlm.detach() / counts[0].clamp(min=1), nsp.detach() / counts[1].clamp(min=1),
+                                   batch["attention_mask"].sum().float()])
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logged
+
+    # -- the loop -----------------------------------------------------------------------
+    def train(self, resume_from: Optional[str] = None) -> List[Dict]:
+        """Train up to ``args.max_steps``; returns the per-step log (loss, mlm_loss,
+        nsp_loss, lr, tokens), continued from the checkpoint when resuming."""
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        args = self.args
+        pending: List[tuple] = []  # (step, lr, logged tensor): reduced at logging time, not every step
+        batches = self._micro_batches()
+        bar = None
+        if args.progress and self.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=args.max_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
+        timer = time.perf_counter()
+        while self.step < args.max_steps:
+            micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+            lr = self.scheduler.get_last_lr()[0]
+            pending.append((self.step + 1, lr, self._train_step(micro)))
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            done = self.step == args.max_steps
+            if self.step % args.logging_steps == 0 or done or (args.save_steps and self.step % args.save_steps == 0):
+                records = self._reduce_logs(pending)
+                pending = []
+                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                rate = sum(r["tokens"] for r in records) / max(elapsed, 1e-9)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{rate:,.0f}")
+                if self.is_main:
+                    self._append_log(records, rate)
+            if args.save_steps and self.step % args.save_steps == 0 and not done:
+                self.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{self.step}"))
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint(args.output_dir)
+        return self.history
+
+    def _reduce_logs(self, pending) -> List[Dict]:
+        if not pending:
+            return []
+        values = torch.stack([p[2] for p in pending])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        records = []
+        for (step, lr, _), (mlm, nsp, tokens) in zip(pending, values.tolist()):
+            records.append(dict(step=step, loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp, lr=lr, tokens=int(tokens)))
+        self.history.extend(records)
+        return records
+
+    def _append_log(self, records, rate) -> None:
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({**r, "tokens_per_s": round(rate, 1)}) + "\n")
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        """The model (config.json + model.safetensors, loadable by ``transformers``), the
+        tokenizer, and ``trainer_state.pt`` (optimizer, schedule, step, log); each process
+        adds its own RNG state."""
+        if self.is_main:
+            self.model.save_pretrained(directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "history": self.history,
+                        "args": dataclasses.asdict(self.args), "world_size": self.world_size},
+                       os.path.join(directory, TRAINER_STATE))
+        if self.world_size > 1:
+            dist.barrier()  # the directory exists before the other ranks write into it
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        os.makedirs(directory, exist_ok=True)
+        torch.save(rng, os.path.join(directory, f"rng_state_{self.rank}.pt"))
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
+        state_file = os.path.join(directory, TRAINER_STATE)
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{directory} is not a training checkpoint (no {TRAINER_STATE})")
+        self.model.load_checkpoint_state(read_state_dict(directory), strict=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"the checkpoint was written by {state['world_size']} processes, this run has "
+                             f"{self.world_size}: the data order would not continue")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        rng_file = os.path.join(directory, f"rng_state_{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        log = os.path.join(self.args.output_dir, LOG_FILE)
+        if self.is_main and os.path.isfile(log):
+            # Steps logged after the checkpoint are about to be run again: drop them.
+            with open(log, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+            with open(log, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        if self.step >= self.args.max_steps and self.is_main:
+            print(f"fastbert pretrain: the checkpoint is at step {self.step}, already at max_steps={self.args.max_steps}")
