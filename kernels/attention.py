@@ -180,7 +180,7 @@ def fwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
         return FwdConfig(32, 32, 1, 1)
     width = max(block_d, block_dv)
     if dtype == torch.float32:
-        cfg = FwdConfig(64, 32, 4, 2)
+        cfg = FwdConfig(64, 32, 4, 2) if width <= 128 else FwdConfig(32, 32, 4, 1)
     elif width <= 64:
         cfg = FwdConfig(64 if short else 128, 64, 4, 3)
     elif width <= 128:
@@ -302,6 +302,10 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     scale = dim ** -0.5 if scale is None else float(scale)
+    if dropout_p > 0:
+        rows, cols = (max_seqlen, max_seqlen) if cu_seqlens is not None else (q.shape[1], k.shape[1])
+        if rows * cols >= 2 ** 31:  # the Philox counter is the int32 query * S_k + key
+            raise ValueError(f"fastbert.attention: dropout supports at most 2**31 scores per head, got {rows}x{cols}")
     seed = draw_seed(q.device) if dropout_p > 0 else None
     out, _ = attention_fwd(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
     return out

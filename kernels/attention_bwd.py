@@ -236,7 +236,7 @@ def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
     if device.type != "cuda":
         return BwdConfig(32, 32, 32, 32, 1, 1)
     if dtype == torch.float32:
-        cfg = BwdConfig(32, 64, 64, 32, 4, 2)
+        cfg = BwdConfig(32, 64, 64, 32, 4, 2) if max(block_d, block_dv) <= 64 else BwdConfig(16, 32, 32, 16, 4, 1)
     elif max(block_d, block_dv) <= 64:
         cfg = BwdConfig(32, 128, 128, 32, 4, 3)
     elif max(block_d, block_dv) <= 128:

@@ -250,6 +250,12 @@ def test_dropout_seed_comes_from_torch_generator():
     assert not torch.equal(first, other) and not torch.equal(first, plain)
 
 
+def test_dropout_refuses_counter_overflow():
+    t = randn(46341, 1, 16)
+    with fastbert.use_backend("triton"), pytest.raises(ValueError, match=r"at most 2\*\*31 scores per head"):
+        fb.attention(t, t, t, cu_seqlens=_cu_seqlens([46341]), dropout_p=0.1)
+
+
 # --------------------------------------------------------------------------- registration
 
 
