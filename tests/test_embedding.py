@@ -374,11 +374,13 @@ def test_gpu_matches_reference(shape, hidden, vocab, dtype):
     out, grads = run("auto", ids, low, dy, padding_idx=0)
     same, same_grads = run("eager", ids, low, dy, padding_idx=0)
     ref, ref_grads = run("eager", ids, low, dy.to(dtype), padding_idx=0, dtype=torch.float64)
-    atol = ATOL[dtype] if dtype != torch.float32 else 1e-5
-    assert_lowp_close(out, same, ref, atol)
+    def atol(ref):  # fp32: relative to the tensor's scale (dln sums 4096 tokens)
+        return ATOL[dtype] if dtype != torch.float32 else 2e-6 * max(1.0, ref.abs().max().item())
+
+    assert_lowp_close(out, same, ref, atol(ref))
     assert grads["word"][0].abs().max() == 0
     for k in GRADS:
-        assert_lowp_close(grads[k], same_grads[k], ref_grads[k], atol * (4 if k.startswith("ln") else 1), f"d{k}")
+        assert_lowp_close(grads[k], same_grads[k], ref_grads[k], atol(ref_grads[k]), f"d{k}")
 
 
 @gpu
