@@ -91,7 +91,7 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
     _check_device(op, word_weight, **ids, position_weight=position_weight,
                   token_type_weight=token_type_weight, ln_weight=ln_weight, ln_bias=ln_bias)
     _check_dropout(op, dropout_p)
-    fn = implementation(op, word_weight.device)
+    fn = implementation(op, word_weight.device, word_weight.dtype)
     if fn is reference.embedding:  # the kernels check ids themselves, without a separate pass
         check_index_range(op, "input_ids", input_ids, word_weight.shape[0])
         check_index_range(op, "position_ids", position_ids, position_weight.shape[0])
@@ -114,7 +114,7 @@ def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
     _check_vector(op, "x_bias", x_bias, n)
     _check_device(op, x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
     _check_dropout(op, dropout_p)
-    return implementation(op, x.device)(x, residual, weight, bias, eps, x_bias, dropout_p)
+    return implementation(op, x.device, x.dtype)(x, residual, weight, bias, eps, x_bias, dropout_p)
 
 
 def bias_gelu(x, bias, approximate="none"):
@@ -127,7 +127,7 @@ def bias_gelu(x, bias, approximate="none"):
         _fail(op, "x must have at least one dim")
     _check_vector(op, "bias", bias, x.shape[-1])
     _check_device(op, x, bias=bias)
-    return implementation(op, x.device)(x, bias, approximate)
+    return implementation(op, x.device, x.dtype)(x, bias, approximate)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
@@ -150,7 +150,7 @@ def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
             _fail(op, f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}")
     _check_device(op, scores, mask=mask)
     _check_dropout(op, dropout_p)
-    return implementation(op, scores.device)(scores, mask, scale, dropout_p)
+    return implementation(op, scores.device, scores.dtype)(scores, mask, scale, dropout_p)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"):
@@ -206,5 +206,5 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
         check_cu_seqlens(cu_seqlens, q.shape[0], op)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    return implementation(op, q.device)(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    return implementation(op, q.device, q.dtype)(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                         scale=scale, dropout_p=dropout_p)

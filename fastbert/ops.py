@@ -63,24 +63,26 @@ def load_kernels() -> None:
         load_kernel(name)
 
 
-def implementation(name: str, device: torch.device) -> Callable:
-    """The function that runs op ``name`` on ``device`` under the current backend."""
+def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The function that runs op ``name`` on ``device`` (for ``dtype``) under the current backend."""
     backend = get_backend()
-    key = (name, backend, device.type, triton_interpreted())
+    fp64 = dtype == torch.float64
+    key = (name, backend, device.type, triton_interpreted(), fp64)
     fn = _chosen.get(key)
     if fn is None:
-        fn = _choose(OPS[name], backend, device)
+        fn = _choose(OPS[name], backend, device, fp64)
         _chosen[key] = fn
     return fn
 
 
-def _choose(op: Op, backend: str, device: torch.device) -> Callable:
+def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> Callable:
     if backend == "eager":
         return op.reference
     kernel, why = load_kernel(op.name)
     runs_here = device.type == "cuda" or op.native_cpu
     if backend == "auto":
-        return kernel if kernel is not None and runs_here else op.reference
+        # The kernels compute in fp32: float64 keeps its precision through the reference.
+        return kernel if kernel is not None and runs_here and not fp64 else op.reference
     # backend == "triton": fastbert's own kernel or a clear error.
     if kernel is None:
         raise RuntimeError(f"fastbert: the {op.name} kernel is unavailable ({why}); use the 'auto' or 'eager' backend")
