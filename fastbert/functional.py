@@ -162,10 +162,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
         _fail(op, f"cu_seqlens must be 1-D with batch+1 entries, got shape {tuple(cu_seqlens.shape)}")
     if _cannot_sync(cu_seqlens):
         return
-    # Inference tensors (torch.inference_mode) have no version counter: check them every time.
+    # Inference tensors (torch.inference_mode) have no version counter: they are known by identity.
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
     last, last_version = _checked_cu_seqlens
-    if last is cu_seqlens and version is not None and last_version == version:
+    if last is cu_seqlens and last_version == version:
         return
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -175,6 +175,12 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
     if values[-1] != total:
         _fail(op, f"cu_seqlens ends at {values[-1]} but there are {total} tokens")
     _checked_cu_seqlens[:] = [cu_seqlens, version]
+
+
+def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor) -> None:
+    """Record ``cu_seqlens`` as valid without reading it: for code that built it itself
+    (the model's unpadding), so that no layer pays a device sync to check it."""
+    _checked_cu_seqlens[:] = [cu_seqlens, None if cu_seqlens.is_inference() else cu_seqlens._version]
 
 
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):

@@ -24,6 +24,7 @@ from torch import nn
 from . import functional as fb
 from .config import BertConfig
 from .outputs import BaseModelOutputWithPooling
+from .ops import load_kernels
 from .padding import Packing, pad, unpad, unpad_mask
 from .pretrained import BertPreTrainedModel
 
@@ -282,6 +283,7 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.unpad = True
         self.post_init()
+        load_kernels()  # torch.compile cannot trace the first import of a kernel module
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

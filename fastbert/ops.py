@@ -65,13 +65,10 @@ def load_kernels() -> None:
 
 def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
     """The function that runs op ``name`` on ``device`` (for ``dtype``) under the current backend."""
-    backend = get_backend()
-    fp64 = dtype == torch.float64
-    key = (name, backend, device.type, triton_interpreted(), fp64)
+    key = (name, get_backend(), device.type, dtype == torch.float64)
     fn = _chosen.get(key)
     if fn is None:
-        fn = _choose(OPS[name], backend, device, fp64)
-        _chosen[key] = fn
+        fn = _chosen[key] = _choose(OPS[name], key[1], device, key[3])
     return fn
 
 

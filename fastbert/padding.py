@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .functional import mark_cu_seqlens_checked
+
 
 @dataclass
 class Packing:
@@ -29,10 +31,20 @@ def unpad_mask(attention_mask: torch.Tensor) -> Packing:
     batch, seqlen = attention_mask.shape
     keep = attention_mask.reshape(-1) != 0
     lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
-    indices = torch.nonzero(keep).flatten()
+    host = lengths.tolist()  # the one read from the device; everything below is sized by it
+    indices = _nonzero(keep, sum(host))
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(lengths.max()) if batch else 0
-    return Packing(indices, cu_seqlens, max_seqlen, batch, seqlen)
+    mark_cu_seqlens_checked(cu_seqlens)  # built here from the mask: valid by construction
+    return Packing(indices, cu_seqlens, max(host, default=0), batch, seqlen)
+
+
+def _nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
+    """Indices of the True entries, ``total`` of them, without a second device sync where
+    ``nonzero_static`` exists for the device."""
+    try:
+        return torch.nonzero_static(keep, size=total).flatten()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return torch.nonzero(keep).flatten()
 
 
 def unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:

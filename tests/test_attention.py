@@ -295,7 +295,7 @@ def test_model_matches_eager(monkeypatch, unpad):
     eager's parameter gradients, on the unpadded path (default) and with unpad=False."""
     dispatch = fb.implementation
     monkeypatch.setattr(fb, "implementation",
-                        lambda name, device: dispatch(name, device) if name == "attention" else fastbert.ops.OPS[name].reference)
+                        lambda name, device, *dtype: dispatch(name, device, *dtype) if name == "attention" else fastbert.ops.OPS[name].reference)
     cfg = fastbert.BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=96, max_position_embeddings=32)
     model = fastbert.BertModel(cfg).to(DEVICE).eval()

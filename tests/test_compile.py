@@ -119,20 +119,16 @@ def test_compiled_classifier_loss_and_gradients(backend, fresh_dynamo):
     assert graph_breaks() == 0, dict(counters["graph_break"])
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="BertModel does not import the kernels before the first compile, and Dynamo cannot "
-                          "trace the importlib call in fastbert.ops.load_kernel (fix: call "
-                          "fastbert.ops.load_kernels() in BertModel.__init__)")
 def test_first_compile_in_a_fresh_process(fresh_dynamo):
     """Compiling before any eager call, under the default backend: the op registry must not
     import a kernel module while Dynamo traces."""
     fastbert.set_backend("auto")
-    model = fastbert.BertModel(tiny_config()).to(DEVICE).eval()
-    ids, types, mask = inputs()
     saved = dict(ops._kernels), dict(ops._chosen)
     ops._kernels.clear()  # as in a fresh process: nothing resolved or imported through the registry yet
     ops._chosen.clear()
     try:
+        model = fastbert.BertModel(tiny_config()).to(DEVICE).eval()
+        ids, types, mask = inputs()
         with torch.no_grad():
             got = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, token_type_ids=types)
     finally:
