@@ -26,8 +26,7 @@ zero-fill of the word-table gradient (30522 × 768) is left out of both.
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import pytest
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import functional as fb
 
-from .common import Measurement, dtype_name, gbps, synchronize, time_ms
+from .common import Measurement, bench_step, dtype_name, measure_op
 
 BATCH, SEQ, HIDDEN = 32, 128, 768
 VOCAB = (30522, 512, 2)
@@ -87,19 +86,6 @@ def min_bytes(tokens: int, hidden: int, el: int, id_el: int = 8) -> Dict[str, in
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def _timers(device: str, quick: bool):
-    warmup, rep = (10, 40) if quick else (25, 100)
-
-    def plain(fn):
-        return time_ms(fn, device, warmup_ms=warmup, rep_ms=rep)
-
-    def graphed(fn):
-        import triton.testing
-        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-
-    return [("", plain)] + ([(", CUDA graph", graphed)] if str(device).startswith("cuda") else [])
-
-
 def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
     on_gpu = str(device).startswith("cuda")
     if not on_gpu:
@@ -108,50 +94,7 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
     tokens = BATCH * SEQ
     nbytes = min_bytes(tokens, HIDDEN, torch.empty((), dtype=dtype).element_size())
     case = f"{tokens}x{HIDDEN} {dtype_name(dtype)}" + ("" if on_gpu else " (CPU)")
-    out = []
-    for impl, fwd in impls.items():
-        def f_fwd(fwd=fwd):
-            with torch.no_grad():
-                return fwd()
-
-        kept = fwd()
-
-        def f_bwd(kept=kept):
-            return torch.autograd.grad(kept, leaves, dy, retain_graph=True)
-
-        def f_both(fwd=fwd):
-            return torch.autograd.grad(fwd(), leaves, dy)
-
-        for suffix, timer in _timers(device, quick):
-            modes = [("fwd", f_fwd), ("bwd", f_bwd), ("fwd+bwd", f_both)]
-            if suffix:  # a graph cannot hold a backward whose forward ran outside it
-                modes = [m for m in modes if m[0] != "bwd"]
-            if impl == "eager+check":
-                modes = [m for m in modes if m[0] == "fwd"]
-            for mode, fn in modes:
-                try:
-                    ms = timer(fn)
-                except Exception as exc:  # keep the other measurements
-                    warnings.warn(f"embedding {impl} {mode}{suffix} not timed: {type(exc).__name__}: {exc}")
-                    continue
-                out.append(Measurement("op", "embedding", case + suffix, impl, mode, ms, gbps(nbytes[mode], ms),
-                                       extra={"bytes": nbytes[mode]}))
-        del kept
-        synchronize(device)
-    return out
-
-
-def _bench_step(benchmark, fwd: Callable[[], torch.Tensor], leaves, dy, mode: str, device: str) -> None:
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                fwd()
-        else:
-            torch.autograd.grad(fwd(), leaves, dy)
-        synchronize(device)
-
-    step()
-    benchmark(step)
+    return measure_op("embedding", case, impls, leaves, dy, nbytes, device, quick, fwd_only=("eager+check",))
 
 
 @pytest.mark.gpu
@@ -159,7 +102,7 @@ def _bench_step(benchmark, fwd: Callable[[], torch.Tensor], leaves, dy, mode: st
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_embedding(benchmark, impl, mode):
     impls, leaves, dy = setup(torch.float16, "cuda")
-    _bench_step(benchmark, impls[impl], leaves, dy, mode, "cuda")
+    bench_step(benchmark, impls[impl], leaves, dy, mode, "cuda")
 
 
 @pytest.mark.parametrize("impl", ["fastbert", "eager"])
@@ -167,4 +110,4 @@ def test_embedding(benchmark, impl, mode):
 def test_embedding_cpu(benchmark, impl, mode):
     """The C++ kernel against eager on the CPU, fp32, at 1024 tokens."""
     impls, leaves, dy = setup(torch.float32, "cpu", batch=8)
-    _bench_step(benchmark, impls[impl], leaves, dy, mode, "cpu")
+    bench_step(benchmark, impls[impl], leaves, dy, mode, "cpu")

@@ -22,75 +22,18 @@ interpreter, which measures the interpreter).
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Dict, List, Sequence
+from typing import List
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastbert
 from fastbert import functional as fb
 
-from .common import Measurement, default_device, dtype_name, gbps, synchronize, time_ms
+from .common import Measurement, bench_step, default_device, dtype_name, measure_op, triton_backend
 
 SHAPE = (4096, 768)
 EPS = 1e-12
-
-
-def _timers(device: str, quick: bool):
-    warmup, rep = (10, 40) if quick else (25, 100)
-
-    def plain(fn):
-        return time_ms(fn, device, warmup_ms=warmup, rep_ms=rep)
-
-    def graphed(fn):
-        import triton.testing
-        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-
-    return [("", plain)] + ([(", CUDA graph", graphed)] if str(device).startswith("cuda") else [])
-
-
-def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],
-               dy: torch.Tensor, nbytes: Dict[str, int], device: str, quick: bool) -> List[Measurement]:
-    """fwd, bwd and fwd+bwd of each forward closure in ``impls`` (over ``leaves``, the
-    tensors that need gradients) with each timer; a timing that fails is left out, with a
-    warning. Shared by the bench_gelu and bench_softmax suites."""
-    out = []
-    for impl, fwd in impls.items():
-        def f_fwd():
-            with torch.no_grad():
-                return fwd()
-
-        kept = fwd()
-
-        def f_bwd():
-            return torch.autograd.grad(kept, leaves, dy, retain_graph=True)
-
-        def f_both():
-            return torch.autograd.grad(fwd(), leaves, dy)
-
-        for suffix, timer in _timers(device, quick):
-            modes = [("fwd", f_fwd), ("bwd", f_bwd), ("fwd+bwd", f_both)]
-            if suffix:
-                modes = [m for m in modes if m[0] != "bwd"]
-            for mode, fn in modes:
-                try:
-                    ms = timer(fn)
-                except Exception as exc:  # keep the other measurements
-                    warnings.warn(f"{name} {impl} {mode}{suffix} not timed: {type(exc).__name__}: {exc}")
-                    continue
-                out.append(Measurement("op", name, case + suffix, impl, mode, ms, gbps(nbytes[mode], ms),
-                                       extra={"bytes": nbytes[mode]}))
-        synchronize(device)
-    return out
-
-
-def triton_backend(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    def call():
-        with fastbert.use_backend("triton"):
-            return fn()
-    return call
 
 
 def setup(dtype: torch.dtype, device: str, shape=SHAPE):
@@ -117,20 +60,6 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
     nbytes = {"fwd": 3 * mn * el, "bwd": 4 * mn * el, "fwd+bwd": 7 * mn * el}
     case = f"{SHAPE[0]}x{SHAPE[1]} {dtype_name(dtype)}"
     return measure_op("add_layernorm", case, impls, leaves, dy, nbytes, device, quick)
-
-
-def bench_step(benchmark, fwd, leaves, dy, mode: str, device: str) -> None:
-    """pytest-benchmark one call of ``fwd`` (mode "fwd") or forward and backward."""
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                fwd()
-        else:
-            torch.autograd.grad(fwd(), leaves, dy)
-        synchronize(device)
-
-    step()
-    benchmark(step)
 
 
 @pytest.mark.gpu

@@ -20,8 +20,7 @@ import torch
 
 from fastbert import functional as fb
 
-from .bench_layernorm import bench_step, measure_op, triton_backend
-from .common import Measurement, default_device, dtype_name
+from .common import Measurement, bench_step, default_device, dtype_name, measure_op, triton_backend
 
 SHAPE = (32, 12, 128, 128)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -89,3 +90,83 @@ def matmul_ceiling(dtype: torch.dtype, device: str, n: int = 8192) -> float:
     b = torch.randn(n, n, device=device).to(dtype)
     ms = time_ms(lambda: torch.matmul(a, b), device)
     return tflops(2.0 * n ** 3, ms)
+
+
+# -- the op suites' shared machinery -----------------------------------------------------
+
+def timers(device: str, quick: bool):
+    """(case suffix, timer) pairs: plain ``do_bench`` everywhere, plus ``do_bench_cudagraph``
+    on a GPU (the kernels' own time, host launch cost removed)."""
+    warmup, rep = (10, 40) if quick else (25, 100)
+
+    def plain(fn):
+        return time_ms(fn, device, warmup_ms=warmup, rep_ms=rep)
+
+    def graphed(fn):
+        import triton.testing
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+    return [("", plain)] + ([(", CUDA graph", graphed)] if str(device).startswith("cuda") else [])
+
+
+def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],
+               dy: torch.Tensor, nbytes: Dict[str, int], device: str, quick: bool,
+               fwd_only: Sequence[str] = ()) -> List[Measurement]:
+    """fwd, bwd and fwd+bwd of each forward closure in ``impls`` (over ``leaves``, the
+    tensors that need gradients) with each timer; a timing that fails is left out, with a
+    warning. Implementations named in ``fwd_only`` are timed forward only."""
+    out = []
+    for impl, fwd in impls.items():
+        def f_fwd():
+            with torch.no_grad():
+                return fwd()
+
+        kept = fwd()
+
+        def f_bwd(kept=kept):
+            return torch.autograd.grad(kept, leaves, dy, retain_graph=True)
+
+        def f_both():
+            return torch.autograd.grad(fwd(), leaves, dy)
+
+        for suffix, timer in timers(device, quick):
+            modes = [("fwd", f_fwd), ("bwd", f_bwd), ("fwd+bwd", f_both)]
+            if suffix:  # a graph cannot hold a backward whose forward ran outside it
+                modes = [m for m in modes if m[0] != "bwd"]
+            if impl in fwd_only:
+                modes = [m for m in modes if m[0] == "fwd"]
+            for mode, fn in modes:
+                try:
+                    ms = timer(fn)
+                except Exception as exc:  # keep the other measurements
+                    warnings.warn(f"{name} {impl} {mode}{suffix} not timed: {type(exc).__name__}: {exc}")
+                    continue
+                out.append(Measurement("op", name, case + suffix, impl, mode, ms, gbps(nbytes[mode], ms),
+                                       extra={"bytes": nbytes[mode]}))
+        del kept
+        synchronize(device)
+    return out
+
+
+def triton_backend(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run under fastbert's own kernels."""
+    import fastbert
+
+    def call():
+        with fastbert.use_backend("triton"):
+            return fn()
+    return call
+
+
+def bench_step(benchmark, fwd, leaves, dy, mode: str, device: str) -> None:
+    """pytest-benchmark one call of ``fwd`` (mode "fwd") or forward and backward."""
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fwd()
+        else:
+            torch.autograd.grad(fwd(), leaves, dy)
+        synchronize(device)
+
+    step()
+    benchmark(step)

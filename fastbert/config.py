@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 CONFIG_NAME = "config.json"
 

@@ -12,7 +12,6 @@ import functools
 import pytest
 import torch
 
-import fastbert
 from hf_bert import CONFIGS, PADDINGS, SEQ, check, config_kwargs, dump_report, inputs, twins
 
 
