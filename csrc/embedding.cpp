@@ -156,6 +156,23 @@ void raise_bad_id(const EmbeddingArgs& a, int64_t token, int kind) {
 
 namespace {
 
+// sum_j f(x[j]) over kLanes independent partial sums, so the compiler can vectorise the
+// loop (a single running sum pins the order of fp additions and keeps it scalar).
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t, typename F>
+inline acc_t lane_sum(const acc_t* x, int64_t n, F f) {
+  acc_t part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += f(x[j + l]);
+  }
+  for (; j < n; ++j) part[0] += f(x[j]);
+  acc_t s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
 template <typename scalar_t>
 struct CpuTables {
   const scalar_t* rows[3];
@@ -221,14 +238,11 @@ void fwd_cpu(const EmbeddingArgs& a, const at::Tensor& beta, uint64_t seed, at::
         std::fill(y, y + H, scalar_t(0));
         continue;
       }
-      acc_t s = 0;
       for (int64_t j = 0; j < H; ++j) {
         x[j] = (static_cast<acc_t>(r[0][j]) + static_cast<acc_t>(r[1][j])) + static_cast<acc_t>(r[2][j]);
-        s += x[j];
       }
-      const acc_t mu = s / H;
-      acc_t v = 0;
-      for (int64_t j = 0; j < H; ++j) v += (x[j] - mu) * (x[j] - mu);
+      const acc_t mu = lane_sum(x.data(), H, [](acc_t xj) { return xj; }) / H;
+      const acc_t v = lane_sum(x.data(), H, [mu](acc_t xj) { return (xj - mu) * (xj - mu); });
       const acc_t rs = acc_t(1) / std::sqrt(v / H + static_cast<acc_t>(eps));
       for (int64_t j = 0; j < H; ++j) x[j] = (x[j] - mu) * rs * g[j] + b[j];
       if (drop) {
