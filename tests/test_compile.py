@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import fastbert
 from fastbert import ops
+from utils import unavailable_kernels
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -25,9 +26,8 @@ def backend_params():
     for name in ("eager", "auto", "triton"):
         reason = None
         if name == "triton":
-            missing = [op for op in FUSED_PATH_OPS if not ops.kernel_available(op)]
-            if missing:
-                reason = f"fastbert.ops.kernel_available is False for: {', '.join(missing)}"
+            if unavailable_kernels(FUSED_PATH_OPS):
+                reason = "the C++ extension is not built (FASTBERT_SKIP_EXT)"
         elif name == "auto" and not CUDA and not ops.kernel_available("embedding"):
             reason = "on the CPU 'auto' differs from 'eager' only by the C++ embedding op, which is not built here"
         params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
