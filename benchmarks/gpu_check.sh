@@ -5,8 +5,9 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Everything lands directly in $OUT (at most 8 files): summary.txt, install.log, tests.log,
-# sanitizer.log, bench.log and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
+# Everything lands directly in $OUT (at most 8 files): summary.txt, install.log (the build and
+# compute-sanitizer), tests.log, bench.log, the built fastbert/_C*.so (so that a second run can
+# carry it instead of rebuilding) and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
 # Every step runs under `timeout`, within one overall budget (GPU_CHECK_SECONDS, default 460),
 # so a hung step cannot eat the others' time. No network is needed.
 
@@ -48,6 +49,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 # 1. Install in place; the build needs torch at build time, hence no build isolation.
 step install 200 "$OUT/install.log" $PY -m pip install --no-build-isolation --no-deps -e .
+cp fastbert/_C*.so "$OUT/" 2>/dev/null
 $PY - >> "$SUMMARY" 2>&1 <<'EOF'
 import fastbert, fastbert.ops
 print("ops:", {k: v[:60] for k, v in fastbert.ops.describe().items()})
@@ -99,12 +101,12 @@ torch.cuda.synchronize()
 print("embedding op under memcheck: ok")
 EOF
 if [ -n "$SAN" ]; then
-    step "sanitizer embedding op" 90 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$SNIPPET"
+    step "sanitizer embedding op" 90 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$SNIPPET"
     if [ -f tests/test_embedding.py ] && grep -q "sanitizer" tests/test_embedding.py; then
-        step "sanitizer test_embedding" 60 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
+        step "sanitizer test_embedding" 60 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
             $PY -m pytest tests/test_embedding.py -q -x -k sanitizer -p no:cacheprovider
     fi
-    grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+    grep -E "ERROR SUMMARY" "$OUT/install.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 else
     say "[sanitizer] compute-sanitizer not found"
 fi
