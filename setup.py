@@ -28,6 +28,24 @@ def _nvcc(cuda_home):
     return shutil.which("nvcc")
 
 
+def _loaded_cxx_runtime():
+    """The path of the libstdc++ that this process has loaded (torch's), or None.
+
+    The extension is linked against it by path. Some toolchains otherwise link libstdc++
+    statically (seen with GCC 13 on an Ubuntu 24.04 CUDA image): the extension then carries
+    its own copy of the C++ runtime, and an exception thrown in it (a bad id's ValueError) and
+    caught in torch crashed the process with a segfault."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def extensions():
     """fastbert._C: C++ (CPU) always; the CUDA sources too when torch has CUDA and nvcc is found."""
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -52,6 +70,8 @@ def extensions():
         print(f"fastbert: {why}; building the C++ (CPU) extension only")
         use_cuda = False
     cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 or C++20, by version)
+    runtime = _loaded_cxx_runtime()
+    link = [runtime] if runtime else []
     headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
     if use_cuda:
         # sm_80 and sm_90 by default (A100, H100/H200); TORCH_CUDA_ARCH_LIST or FASTBERT_CUDA_ARCHS override.
@@ -61,9 +81,10 @@ def extensions():
         token = "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs.replace(";", " ").split())
         macros = [("FASTBERT_WITH_CUDA", "1"), ("FASTBERT_CUDA_ARCHS", token)]
         ext = CUDAExtension("fastbert._C", sources + cuda_sources, define_macros=macros, depends=headers,
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link)
     else:
-        ext = CppExtension("fastbert._C", sources, depends=headers, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fastbert._C", sources, depends=headers, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     print(f"fastbert: building fastbert._C ({'C++ and CUDA' if use_cuda else 'C++ only'})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
 

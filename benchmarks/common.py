@@ -104,9 +104,29 @@ def timers(device: str, quick: bool):
 
     def graphed(fn):
         import triton.testing
-        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+        except Exception:
+            _end_failed_capture(device)
+            raise
 
     return [("", plain)] + ([(", CUDA graph", graphed)] if str(device).startswith("cuda") else [])
+
+
+def _end_failed_capture(device: str) -> None:
+    """A capture that fails leaves torch's CUDA generator marked as capturing, so that every
+    later random draw raises ("Offset increment outside graph capture"); one small capture
+    that succeeds closes that state again, and the measurements after it can go on."""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        pass
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        scratch = torch.zeros(1, device=device)
+        with torch.cuda.graph(graph):
+            scratch.add_(1)
+    del graph
 
 
 def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],

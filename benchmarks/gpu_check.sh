@@ -5,9 +5,11 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Everything lands directly in $OUT (at most 8 files): summary.txt, install.log (the build and
-# compute-sanitizer), tests.log, bench.log, the built fastbert/_C*.so (so that a second run can
-# carry it instead of rebuilding) and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
+# Everything lands directly in $OUT (at most 7 files): summary.txt, install.log (the build and
+# compute-sanitizer), tests.log, bench.log and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
+# The benchmark runs before the test suites so that its numbers come back whatever the tests do;
+# the tests run under pytest-xdist where it is installed (a crashing test then costs one worker,
+# not the run) with a per-test timeout, and end with one line per failure.
 # Every step runs under `timeout`, within one overall budget (GPU_CHECK_SECONDS, default 460),
 # so a hung step cannot eat the others' time. No network is needed.
 
@@ -49,7 +51,11 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 # 1. Install in place; the build needs torch at build time, hence no build isolation.
 step install 200 "$OUT/install.log" $PY -m pip install --no-build-isolation --no-deps -e .
-cp fastbert/_C*.so "$OUT/" 2>/dev/null
+# The extension must share torch's C++ runtime (see setup.py): no libstdc++ of its own.
+for so in fastbert/_C*.so; do
+    own=$(nm -D --defined-only "$so" 2>/dev/null | grep -c " __cxa_allocate_exception$")
+    say "$so: $(readelf -d "$so" 2>/dev/null | grep -o 'libstdc++[^]]*' || echo 'no libstdc++ NEEDED'); own C++ runtime: ${own:-?}"
+done
 $PY - >> "$SUMMARY" 2>&1 <<'EOF'
 import fastbert, fastbert.ops
 print("ops:", {k: v[:60] for k, v in fastbert.ops.describe().items()})
@@ -66,9 +72,12 @@ else:
             print(f"fastbert._C.{name}: {type(exc).__name__}: {exc}")
 EOF
 
-# 2. The GPU tests (BERT shapes, every dtype).
-step "tests -m gpu" 120 "$OUT/tests.log" $PY -m pytest tests -q -m gpu --maxfail=10 -p no:cacheprovider
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+# 2. The quick benchmark; it stops starting new measurements before its limit and writes
+#    its report as it goes, so a cut leaves every finished number.
+LEFT=$((TOTAL - SECONDS - 200))
+BENCH_CAP=$((LEFT < 200 ? LEFT : 200))
+MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
+step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
 
 # 3. compute-sanitizer memcheck on the CUDA embedding op: odd and BERT sizes, every dtype,
 #    forward and backward, and ids out of range (must raise, never read out of bounds).
@@ -112,15 +121,12 @@ else
 fi
 rm -f "$SNIPPET"
 
-# 4. The quick benchmark; it stops starting new measurements before its limit and writes
-#    its report as it goes, so a cut leaves every finished number.
-LEFT=$((TOTAL - SECONDS - 70))
-BENCH_CAP=$((LEFT < 200 ? LEFT : 200))
-MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
-step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
-
-# 5. The rest of the suite on the GPU, with the time that is left.
-step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PY -m pytest tests -q -m "not gpu" -p no:cacheprovider
+# 4. The GPU tests (BERT shapes, every dtype), then the rest of the suite on the GPU machine.
+XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --timeout 150" || echo "--maxfail=10")
+PYTEST="$PY -m pytest tests -q -rfE --tb=short -p no:cacheprovider $XDIST"
+step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PYTEST -m "not gpu"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 say ""

@@ -345,6 +345,21 @@ def test_cpp_and_python_ops_share_the_namespace():
         _python(_COEXIST, order)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the ELF symbols of a Linux build")
+def test_extension_shares_the_cpp_runtime_with_torch():
+    """fastbert._C must use the process's libstdc++, not a static copy: with a copy, a C++
+    exception thrown in the extension (the bad-id ValueError) and caught in torch crashed the
+    process. dlsym on the extension's handle finds its own definition first, if it has one."""
+    import ctypes
+
+    import fastbert._C
+
+    def address(lib):
+        return ctypes.cast(lib.__cxa_allocate_exception, ctypes.c_void_p).value
+
+    assert address(ctypes.CDLL(fastbert._C.__file__)) == address(ctypes.CDLL("libstdc++.so.6"))
+
+
 def test_missing_extension_falls_back_with_a_message():
     _python(_NO_EXT)
 
