@@ -97,6 +97,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
     start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
@@ -150,6 +152,8 @@ def _attn_fwd(
 @triton.jit
 def _dropout_mask_kernel(Keep, Seed, stride_b, stride_h, stride_m, num_heads, seqlen_q, seqlen_k, drop_stride,
                          dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -93,6 +93,8 @@ def _attn_bwd(
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
     # fp32 inputs multiply in exact fp32 (not tf32); the precision is ignored for fp16/bf16.
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     pid, bh = tl.program_id(0), tl.program_id(1)

@@ -61,6 +61,8 @@ def _add_layernorm_fwd(
     M, N, eps, p, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    eps, p, drop_scale = tl.cast(eps, tl.float32), tl.cast(p, tl.float32), tl.cast(drop_scale, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
@@ -94,6 +96,8 @@ def _add_layernorm_bwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr,
     STORE_DX: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    p, drop_scale = tl.cast(p, tl.float32), tl.cast(drop_scale, tl.float32)
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)

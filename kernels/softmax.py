@@ -55,6 +55,9 @@ def _softmax_mask_fwd(
     M, N, D1, D2, ms0, ms1, ms2, msn, scale, mask_min, p, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    scale, mask_min, p, drop_scale = (
+        tl.cast(scale, tl.float32), tl.cast(mask_min, tl.float32), tl.cast(p, tl.float32), tl.cast(drop_scale, tl.float32))
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -82,6 +85,9 @@ def _softmax_mask_bwd(
     M, N, D1, D2, ms0, ms1, ms2, msn, scale, mask_min, p, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
+    # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
+    scale, mask_min, p, drop_scale = (
+        tl.cast(scale, tl.float32), tl.cast(mask_min, tl.float32), tl.cast(p, tl.float32), tl.cast(drop_scale, tl.float32))
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M

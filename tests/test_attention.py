@@ -5,6 +5,8 @@ On the CPU the Triton kernels run under the interpreter (small blocks), so shape
 and odd; the GPU tests at the bottom use BERT shapes and every dtype.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -313,6 +315,44 @@ def test_model_matches_eager(monkeypatch, unpad):
     real = mask.bool()
     torch.testing.assert_close(h_triton[real], h_eager[real], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(g_triton, g_eager, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- compiled for the GPU
+
+def _arg_types(fn, ptr="*fp16"):
+    """{arg: Triton type} for a kernel: tensors in ``ptr`` (fp32 for LSE/Delta, int for masks,
+    lengths and seeds), float scalars fp32 (the harness adds fp64), integers i32."""
+    special = {"LSE": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "Keep": "*i8", "CuSeqlens": "*i32", "Seed": "*i64"}
+    types = {}
+    for name in inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters:
+        if name in ("sm_scale", "dropout_p"):
+            types[name] = "fp32"
+        elif name[0].isupper() and "_" not in name:
+            types[name] = special.get(name, ptr)
+        else:
+            types[name] = "i32"
+    return types
+
+
+def test_compiles_for_hopper(tmp_path):
+    """The kernels at the block sizes the launchers pick on an H100/H200 for D=64 (forward
+    fp16 128x64, fp32 64x32; backward fp16 32/128, fp32 32/64), every feature on."""
+    from test_layernorm import assert_compiles_for_hopper
+
+    from fastbert.kernels import attention_bwd
+
+    mod, bwd_mod = "fastbert.kernels.attention", "fastbert.kernels.attention_bwd"
+    flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, PACKED=True, HAS_MASK=True, DROPOUT=True)
+    specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
+             (mod, "_attn_fwd", _arg_types(kernel._attn_fwd, "*fp32"),
+              dict(flags, BLOCK_M=64, BLOCK_N=32, IEEE=True, PACKED=False), 4),
+             (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
+             (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
+              dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
+    for m1, n1, m2, n2, ptr in ((32, 128, 128, 32, "*fp16"), (32, 64, 64, 32, "*fp32")):
+        specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
+                      dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32"), 4))
+    assert_compiles_for_hopper(specs, tmp_path)
 
 
 # --------------------------------------------------------------------------- GPU

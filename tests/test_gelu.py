@@ -38,7 +38,10 @@ def check_parity(x, bias, dy, approximate, x_dtype, bias_dtype):
     atol = ATOL[x_dtype]
     assert_lowp_close(out, same[0], ref[0], atol)
     assert_lowp_close(dx, same[1], ref[1], atol, what="dx")
-    assert_lowp_close(db, same[2], ref[2], ATOL[bias_dtype], what="dbias")
+    # dbias sums over every row: per-program partial sums round differently from PyTorch's
+    # pairwise reduction, by up to ~sqrt(rows) more.
+    rows = x.numel() // x.shape[-1]
+    assert_lowp_close(db, same[2], ref[2], ATOL[bias_dtype] * max(1.0, rows ** 0.5), what="dbias")
 
 
 @dtype_params()

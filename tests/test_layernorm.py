@@ -16,6 +16,7 @@ from utils import ATOL, CUDA, DEVICE, DTYPES, assert_lowp_close, dtype_params, r
 
 EPS = 1e-12
 NAMES = ("x", "residual", "weight", "bias", "x_bias")
+PARAMS = ("weight", "bias", "x_bias")  # gradients reduced over rows
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +50,13 @@ def check_parity(master, dtypes, dy, atol):
     ref, ref_grads = run("eager", rounded, {k: torch.float64 for k in master}, dy.to(dtypes["x"]))
     assert out.dtype == dtypes["x"]
     assert_lowp_close(out, same, ref, atol)
+    rows = dy.numel() // dy.shape[-1]
     for k, g in grads.items():
         assert g.dtype == dtypes[k], k
-        assert_lowp_close(g, same_grads[k], ref_grads[k], atol, what=f"d{k}")
+        # The parameter gradients are sums over every row: the kernel adds per-program partial
+        # sums where PyTorch reduces pairwise, so their rounding may grow like sqrt(rows).
+        tol = atol * max(1.0, rows ** 0.5) if k in PARAMS else atol
+        assert_lowp_close(g, same_grads[k], ref_grads[k], tol, what=f"d{k}")
 
 
 @dtype_params()
@@ -162,9 +167,12 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------
-# Compiled for Hopper without a GPU: the interpreter accepts code that Triton's compiler
-# refuses (non-constexpr globals, say), so the kernels are also compiled for sm_90 here,
-# in a process without TRITON_INTERPRET (Triton ships ptxas).
+# Compiled for Hopper and Ampere without a GPU: the interpreter accepts code that Triton's
+# compiler refuses (non-constexpr globals, say), so the kernels are also compiled for sm_90
+# and sm_80 here, in a process without TRITON_INTERPRET (Triton ships ptxas). The float
+# scalars are compiled as fp32 (Triton's launcher) and as fp64 (what torch.compile's Inductor
+# passes for a Python float: the attention forward once failed to build under Inductor on an
+# H200 that way, its loop-carried state turned fp64, while every eager test passed).
 # ---------------------------------------------------------------------------------------
 
 _AOT = r"""
@@ -176,25 +184,31 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 def build(fn, args, constexprs, warps):
-    sig = {a: "constexpr" if a in constexprs else args[a] for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    # The failures of fn built for sm_90 and sm_80, with fp32 and with fp64 scalars.
+    failures = []
+    for arch in (90, 80):
+        for scalar in ("fp32", "fp64"):
+            sig = {a: "constexpr" if a in constexprs else scalar if args[a] == "fp32" else args[a] for a in fn.arg_names}
+            try:
+                triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps})
+            except Exception as exc:
+                failures.append(f"sm_{arch}, {scalar} scalars: {type(exc).__name__}: {str(exc)[-2000:]}")
+    return failures
 
 @triton.jit
 def _known_good(X, N, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     tl.store(X + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
 
-try:
-    build(_known_good, {"X": "*fp32", "N": "i32"}, {"BLOCK": 128}, 4)
-except Exception as exc:
-    print(json.dumps({"harness": f"{type(exc).__name__}: {exc}"}))
+broken = build(_known_good, {"X": "*fp32", "N": "i32"}, {"BLOCK": 128}, 4)
+if broken:
+    print(json.dumps({"harness": broken[0]}))
     sys.exit(0)
 failures = []
 for module, name, args, constexprs, warps in json.loads(sys.argv[1]):
-    try:
-        build(getattr(importlib.import_module(module), name), args, constexprs, warps)
-    except Exception as exc:
-        failures.append(f"{name} {constexprs} num_warps={warps}: {type(exc).__name__}: {str(exc)[-2000:]}")
+    for failure in build(getattr(importlib.import_module(module), name), args, constexprs, warps):
+        failures.append(f"{name} {constexprs} num_warps={warps}, {failure}")
 print(json.dumps({"failures": failures}))
 """
 
@@ -206,7 +220,8 @@ def hopper_config(monkeypatch, n):
 
 
 def assert_compiles_for_hopper(specs, tmp_path):
-    """Each (module, kernel, {arg: type}, {constexpr: value}, num_warps) compiles for sm_90."""
+    """Each (module, kernel, {arg: type}, {constexpr: value}, num_warps) compiles for sm_90 and
+    sm_80, with fp32 and with fp64 float scalars (the "fp32" entries of {arg: type})."""
     if CUDA:
         pytest.skip("the GPU tests compile the kernels for the GPU at hand")
     script = tmp_path / "aot_compile.py"  # Triton reads a kernel's source from its file
@@ -217,7 +232,7 @@ def assert_compiles_for_hopper(specs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if "harness" in result:
-        pytest.skip(f"this Triton cannot compile for sm_90 without a GPU ({result['harness']})")
+        pytest.skip(f"this Triton cannot compile for sm_90/sm_80 without a GPU ({result['harness']})")
     assert not result["failures"], "\n".join(result["failures"])
 
 

@@ -27,10 +27,12 @@ def padding_mask(lengths, s, dtype, fill="min"):
     return torch.zeros(len(lengths), 1, 1, s, dtype=dtype, device=DEVICE).masked_fill(~keep[:, None, None, :], value)
 
 
-def square_mask(b, s, dtype):
-    """A (B, 1, S, S) mask: random additive values, some -inf, one fully masked query row."""
-    mask = randn(b, 1, s, s).masked_fill(torch.rand(b, 1, s, s, device=DEVICE) < 0.3, float("-inf"))
-    mask[0, 0, 2, :] = float("-inf")
+def square_mask(b, s, dtype, q=None):
+    """A (B, 1, Q, S) mask (Q = S unless given): random additive values, some -inf, one fully
+    masked query row."""
+    q = s if q is None else q
+    mask = randn(b, 1, q, s).masked_fill(torch.rand(b, 1, q, s, device=DEVICE) < 0.3, float("-inf"))
+    mask[0, 0, min(2, q - 1), :] = float("-inf")
     return mask.to(dtype)
 
 
@@ -187,7 +189,7 @@ GPU_CASES = ([((32, 12, 128, 128), layout, d) for d in DTYPES for layout in ("pa
 def test_gpu_matches_reference(shape, layout, dtype):
     b, s = shape[0], shape[-1]
     lengths = torch.randint(0, s + 1, (b,)).tolist()
-    mask = padding_mask(lengths, s, dtype) if layout == "padding" else square_mask(b, s, dtype)
+    mask = padding_mask(lengths, s, dtype) if layout == "padding" else square_mask(b, s, dtype, q=shape[-2])
     check_parity(randn(*shape, scale=4.0), mask, dtype)
 
 
