@@ -40,6 +40,7 @@ from torch.library import triton_op, wrap_triton
 from fastbert import reference
 from fastbert.backend import triton_interpreted
 
+from ._direct import backward_impl, cdiv, next_pow2, register_autograd
 from .attention_bwd import _dropout_keep, _seq_bounds, fit_stages, launch_backward, max_shared_mem, strides4
 
 MAX_HEAD_DIM = 256
@@ -212,11 +213,11 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
     if batch * heads == 0 or seqlen_q == 0 or _tracing_interpreted(q):
         return out, lse
-    block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
+    block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
     cfg = fwd_config(q.device, q.dtype, block_d, block_dv, bool(seqlen_q <= 64))
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
-    wrap_triton(_attn_fwd)[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](
+    wrap_triton(_attn_fwd)[(cdiv(seqlen_q, cfg.block_m), batch * heads)](
         q, k, v, out, lse, mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(out, packed)[:3],
         *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
@@ -243,9 +244,11 @@ def _custom_op(name: str):
     implementation is the same function with the launches skipped."""
     def register(fn):
         if not triton_interpreted():
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
+            op = triton_op(name, mutates_args=())(fn)
+        else:
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+        op.body = fn  # called directly by eager calls (kernels/_direct.py)
         return op
     return register
 
@@ -277,11 +280,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, *ctx.meta)
+    bwd = backward_impl(ctx, attention_bwd, attention_bwd.body)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, *ctx.meta)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = register_autograd(attention_fwd, attention_fwd.body, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -311,7 +315,7 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
         if rows * cols >= 2 ** 31:  # the Philox counter is the int32 query * S_k + key
             raise ValueError(f"fastbert.attention: dropout supports at most 2**31 scores per head, got {rows}x{cols}")
     seed = draw_seed(q.device) if dropout_p > 0 else None
-    out, _ = attention_fwd(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
+    out, _ = _call(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
     return out
 
 
@@ -322,7 +326,7 @@ def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int, seql
     keep = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
     if keep.numel():
         block = 64
-        _dropout_mask_kernel[(triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)](
+        _dropout_mask_kernel[(cdiv(seqlen_q, block), cdiv(seqlen_k, block), batch * heads)](
             keep, seed, keep.stride(0), keep.stride(1), keep.stride(2), heads, seqlen_q, seqlen_k, seqlen_k,
             float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

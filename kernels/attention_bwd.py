@@ -26,6 +26,8 @@ from torch.library import wrap_triton
 
 from fastbert.backend import triton_interpreted
 
+from ._direct import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634
 
 
@@ -268,21 +270,21 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
         return dq.zero_(), dk.zero_(), dv.zero_()
     if triton_interpreted() and is_fake(q):  # the op's fake implementation under the interpreter
         return dq, dk, dv
-    block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
+    block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
 
     # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout.
     delta = torch.empty_like(lse)
     rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
     block = 64 if block_dv <= 128 else 32
     if rows > 0:
-        wrap_triton(_attn_bwd_delta)[(triton.cdiv(rows, block), heads, delta_batch)](
+        wrap_triton(_attn_bwd_delta)[(cdiv(rows, block), heads, delta_batch)](
             out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
             rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
 
     cfg = bwd_config(q.device, q.dtype, block_d, block_dv)
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
-    programs = max(triton.cdiv(seqlen_k, cfg.block_n1), triton.cdiv(seqlen_q, cfg.block_m2))
+    programs = max(cdiv(seqlen_k, cfg.block_n1), cdiv(seqlen_q, cfg.block_m2))
     wrap_triton(_attn_bwd)[(programs, batch * heads)](
         q, k, v, do, dq, dk, dv, lse, delta,
         mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,

@@ -32,6 +32,8 @@ import torch
 from fastbert import reference
 from fastbert.backend import get_backend
 
+from ._direct import below_autograd, register_autograd
+
 try:
     from fastbert import _C
 except ImportError as exc:  # pragma: no cover - depends on the build
@@ -99,7 +101,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return None, None, None, gw, gp, gt, glw, glb, None, None, None, None
 
 
-torch.library.register_autograd("fastbert::embedding_fwd", _backward, setup_context=_setup_context)
+_call = register_autograd("fastbert::embedding_fwd", below_autograd(torch.ops.fastbert.embedding_fwd.default),
+                          _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +144,6 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=word_weight.device)
-    out, _, _ = torch.ops.fastbert.embedding_fwd(
-        input_ids, token_type_ids, position_ids, word_weight, position_weight, token_type_weight,
-        ln_weight, ln_bias, float(eps), float(dropout_p), seed, padding_idx)
+    out, _, _ = _call(input_ids, token_type_ids, position_ids, word_weight, position_weight, token_type_weight,
+                      ln_weight, ln_bias, float(eps), float(dropout_p), seed, padding_idx)
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._direct import backward_impl, cdiv, next_pow2, register_autograd
 from .layernorm import _device_info, check_inputs, fastbert_op, launch, new_empty, sum_partials
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -103,7 +104,7 @@ def _bias_gelu_bwd(
 
 def _tile(n: int, device: torch.device, elems: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): ~``elems`` elements per tile, at most 1024 columns wide."""
-    block_n = min(triton.next_power_of_2(max(n, 1)), 1024)
+    block_n = min(next_pow2(max(n, 1)), 1024)
     block_m = max(1, elems // block_n)
     max_warps = 16 if _device_info(device)[1] else 8
     return block_m, block_n, min(max(block_m * block_n // 512, 1), max_warps)
@@ -122,7 +123,7 @@ def _fwd(x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> torch.Tensor:
     if m == 0 or n == 0:
         return y
     block_m, block_n, num_warps = _tile(n, x.device, 4096)
-    launch(_bias_gelu_fwd, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
+    launch(_bias_gelu_fwd, (cdiv(m, block_m), cdiv(n, block_n)),
            _rows(x, m, n), bias.contiguous(), y, m, n, BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh,
         num_warps=num_warps)
     return y
@@ -138,12 +139,12 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> T
     if m == 0 or n == 0:
         return dx, db.fill_(0.0)
     block_m, block_n, num_warps = _tile(n, x.device, 8192)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = cdiv(n, block_n)
     # About two programs per SM over the whole grid: each walks several row tiles, so the
     # partial sums stay a small fraction of the bytes moved.
-    grid_m = max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * _device_info(x.device)[0], col_blocks)))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, grid_m), block_m) * block_m
-    grid_m = triton.cdiv(m, rows_per_prog)
+    grid_m = max(1, min(cdiv(m, block_m), cdiv(2 * _device_info(x.device)[0], col_blocks)))
+    rows_per_prog = cdiv(cdiv(m, grid_m), block_m) * block_m
+    grid_m = cdiv(m, rows_per_prog)
     part = new_empty((1, grid_m, n), torch.float32, x.device)
     launch(_bias_gelu_bwd, (grid_m, col_blocks),
            _rows(dy, m, n), _rows(x, m, n), bias.contiguous(), dx, part, m, n, rows_per_prog,
@@ -160,15 +161,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    dx, db = backward_impl(ctx, _bwd, _bwd.body)(dy, x, bias, ctx.tanh)
     return dx, db, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
 
 
 def bias_gelu(x, bias, approximate="none"):
     """gelu(x + bias); the signature of ``fastbert.reference.bias_gelu``."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"fastbert.bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate == "tanh")
+    return _call(x, bias, approximate == "tanh")

@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from ._direct import backward_impl, cdiv, next_pow2, register_autograd
 from ._dropout import check_dropout, draw_seed, keep_mask
 
 MAX_N = 16384  # one row is normalised inside one program's registers
@@ -186,15 +187,25 @@ def num_programs(device: torch.device, blocks: int, per_sm: int = 2) -> int:
 
 
 def row_config(n: int, device: torch.device, tile: int = 4096) -> Tuple[int, int, int]:
+    """:func:`_row_config`, cached for plain ints (fake tensors bring symbolic sizes)."""
+    if type(n) is int:
+        return _row_config_cached(n, device, tile)
+    return _row_config(n, device, tile)
+
+
+def _row_config(n: int, device: torch.device, tile: int = 4096) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for a whole row of ``n`` per program row: the row is
     padded to a power of two, narrow rows are stacked to ~``tile`` elements per program,
     and warps grow with the tile (to 16 on Hopper, whose SMs hold more warps per block)."""
-    block_n = triton.next_power_of_2(max(n, 1))
+    block_n = next_pow2(max(n, 1))
     block_m = max(1, tile // block_n)
     elems = block_m * block_n
     max_warps = 16 if _device_info(device)[1] else 8
     num_warps = min(max(elems // 512, 1), max_warps)
     return block_m, block_n, num_warps
+
+
+_row_config_cached = functools.lru_cache(maxsize=None)(_row_config)
 
 
 def sum_partials(part: torch.Tensor, outs) -> None:
@@ -203,8 +214,8 @@ def sum_partials(part: torch.Tensor, outs) -> None:
     outs = list(outs) + [outs[0]] * (3 - len(outs))
     block_n = 64 if n >= 2048 else 32
     if _interpreted(_sum_partials):  # the interpreter pays per program, not per element
-        block_n = min(triton.next_power_of_2(n), 1024)
-    launch(_sum_partials, (triton.cdiv(n, block_n), k),
+        block_n = min(next_pow2(n), 1024)
+    launch(_sum_partials, (cdiv(n, block_n), k),
            part, outs[0], outs[1], outs[2], g, n, BLOCK_G=64, BLOCK_N=block_n, num_warps=4)
 
 
@@ -261,6 +272,7 @@ def fastbert_op(name: str, kernel):
         op = triton_op(name, mutates_args=())(fn)
         if _interpreted(kernel):
             op.register_torch_dispatch(FunctionalTensorMode, _opaque)
+        op.body = fn  # called directly by eager calls (kernels/_direct.py)
         return op
     return register
 
@@ -284,7 +296,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: to
         return y, mean.fill_(0.0), rstd.fill_(0.0)
     x2, r2 = _rows(x, m, n), _rows(residual, m, n)
     block_m, block_n, num_warps = row_config(n, x.device)
-    launch(_add_layernorm_fwd, (triton.cdiv(m, block_m),),
+    launch(_add_layernorm_fwd, (cdiv(m, block_m),),
            x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
         x2 if seed is None else seed, m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_XBIAS=x_bias is not None, DROPOUT=dropout_p > 0.0,
@@ -316,9 +328,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torc
         return dh, dx, dw.fill_(0.0), db.fill_(0.0), dxb.fill_(0.0)
     x2, r2, dy2 = _rows(x, m, n), _rows(residual, m, n), _rows(dy, m, n)
     block_m, block_n, num_warps = row_config(n, x.device)
-    grid = num_programs(x.device, triton.cdiv(m, block_m))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, grid), block_m) * block_m
-    grid = triton.cdiv(m, rows_per_prog)
+    grid = num_programs(x.device, cdiv(m, block_m))
+    rows_per_prog = cdiv(cdiv(m, grid), block_m) * block_m
+    grid = cdiv(m, rows_per_prog)
     k = 3 if x_bias is not None else 2
     part = new_empty((k, grid, n), torch.float32, x.device)
     launch(_add_layernorm_bwd, (grid,),
@@ -340,19 +352,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, residual, weight, bias, x_bias, mean, rstd, seed = ctx.saved_tensors
-    dh, dx, dw, db, dxb = torch.ops.fastbert.add_layernorm_bwd(dy, x, residual, weight, bias, x_bias, mean, rstd,
-                                                               ctx.dropout_p, seed)
+    dh, dx, dw, db, dxb = backward_impl(ctx, _bwd, _bwd.body)(dy, x, residual, weight, bias, x_bias, mean, rstd,
+                                                              ctx.dropout_p, seed)
     if _shares_dx(x, residual, ctx.dropout_p):
         dx = dh
     return dx, dh, dw, db, None, (dxb if x_bias is not None else None), None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
 
 
 def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
     """LN(dropout(x + x_bias) + residual) over the last dim; the signature of
     ``fastbert.reference.add_layernorm``."""
     seed = draw_seed(dropout_p, x.device)
-    return torch.ops.fastbert.add_layernorm_fwd(x, residual, weight, bias, float(eps), x_bias, float(dropout_p),
-                                                seed)[0]
+    return _call(x, residual, weight, bias, float(eps), x_bias, float(dropout_p), seed)[0]

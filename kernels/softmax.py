@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._direct import backward_impl, cdiv, register_autograd
 from ._dropout import check_dropout, draw_seed, keep_mask
 from .layernorm import check_inputs, fastbert_op, launch, new_empty, row_config
 
@@ -139,7 +140,7 @@ def _fwd(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float, dropo
     mview, dims, mstrides, msn = (s2, [1, 1], [0, 0, 0], 0) if mask is None else _mask_layout(mask, scores.shape)
     mask_min = 0.0 if mask is None else torch.finfo(mask.dtype).min
     block_m, block_n, num_warps = row_config(n, scores.device)
-    launch(_softmax_mask_fwd, (triton.cdiv(m, block_m),),
+    launch(_softmax_mask_fwd, (cdiv(m, block_m),),
            s2, mview, y, lse, s2 if seed is None else seed, m, n, dims[0], dims[1], *mstrides, msn,
         scale, mask_min, dropout_p, 1.0 / (1.0 - dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0, num_warps=num_warps)
@@ -160,7 +161,7 @@ def _bwd(dy: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor], l
     mview, dims, mstrides, msn = (s2, [1, 1], [0, 0, 0], 0) if mask is None else _mask_layout(mask, scores.shape)
     mask_min = 0.0 if mask is None else torch.finfo(mask.dtype).min
     block_m, block_n, num_warps = row_config(n, scores.device)
-    launch(_softmax_mask_bwd, (triton.cdiv(m, block_m),),
+    launch(_softmax_mask_bwd, (cdiv(m, block_m),),
            dy.contiguous().view(m, n), s2, mview, lse, s2 if seed is None else seed, ds, m, n, dims[0], dims[1],
         *mstrides, msn, scale, mask_min, dropout_p, 1.0 / (1.0 - dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=mask is not None, DROPOUT=dropout_p > 0.0, num_warps=num_warps)
@@ -177,15 +178,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     scores, mask, lse, seed = ctx.saved_tensors
-    ds = torch.ops.fastbert.softmax_mask_bwd(dy, scores, mask, lse, ctx.scale, ctx.dropout_p, seed)
+    ds = backward_impl(ctx, _bwd, _bwd.body)(dy, scores, mask, lse, ctx.scale, ctx.dropout_p, seed)
     return ds, None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
     """softmax(scale * scores + mask) over the last dim, then dropout; the signature of
     ``fastbert.reference.softmax_mask``. The mask gets no gradient."""
     seed = draw_seed(dropout_p, scores.device)
-    return torch.ops.fastbert.softmax_mask_fwd(scores, mask, float(scale), float(dropout_p), seed)[0]
+    return _call(scores, mask, float(scale), float(dropout_p), seed)[0]

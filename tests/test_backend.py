@@ -102,3 +102,62 @@ def test_describe_names_every_op():
     assert set(info) == {"embedding", "add_layernorm", "bias_gelu", "softmax_mask", "attention"}
     for name, what in info.items():
         assert what == "kernel" or what.startswith("reference only ("), (name, what)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops that reach the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_custom_op_layer_and_compile_sees_the_ops():
+    """Eager calls run the kernels' bodies through an autograd.Function (kernels/_direct.py),
+    forward and backward; dispatch modes (fake tensors, op loggers) and torch.compile see the
+    fastbert:: custom ops."""
+    from fastbert import functional as fb
+    from utils import unavailable_kernels
+
+    assert not unavailable_kernels(["add_layernorm", "bias_gelu", "softmax_mask", "attention"])
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    r, w, b = torch.randn(3, 5, 16), torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    q = torch.randn(2, 7, 2, 16, requires_grad=True)
+
+    def step(record=None):
+        outs = [fb.add_layernorm(x, r, w, b, 1e-12)]
+        outs.append(fb.bias_gelu(outs[-1], b))
+        outs.append(fb.softmax_mask(outs[-1], None, 0.5))
+        outs.append(fb.attention(q, q, q))
+        if record is not None:
+            record.extend(type(o.grad_fn).__name__ for o in outs)
+        return outs[-2].sum() + outs[-1].sum()
+
+    with fastbert.use_backend("triton"):
+        grad_fns = []
+        step(grad_fns).backward()
+        assert all(name.startswith("fastbert_") and name.endswith("_directBackward") for name in grad_fns), grad_fns
+        assert x.grad is not None and w.grad is not None and q.grad is not None
+
+        log = _OpLog()
+        with log:
+            step().backward()
+        for op in ("add_layernorm_fwd", "bias_gelu_fwd", "softmax_mask_fwd", "attention_fwd",
+                   "add_layernorm_bwd", "bias_gelu_bwd", "softmax_mask_bwd", "attention_bwd"):
+            assert f"fastbert.{op}" in log.names, log.names
+
+        graphs = []
+
+        def backend(gm, _inputs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(step, backend=backend, fullgraph=True)()
+        traced = "\n".join(graphs)
+        for op in ("add_layernorm_fwd", "bias_gelu_fwd", "softmax_mask_fwd", "attention_fwd"):
+            assert f"fastbert.{op}" in traced, traced
