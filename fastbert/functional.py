@@ -14,7 +14,7 @@ from . import reference
 from .ops import implementation
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_checked_cu_seqlens: list = [None, -1]  # the last cu_seqlens whose values were checked, and its version
+_checked_cu_seqlens: list = [None, -1, 0]  # the last cu_seqlens whose values were checked, its version, its longest sequence
 
 
 def _fail(op: str, msg: str):
@@ -153,20 +153,21 @@ def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
     return implementation(op, scores.device, scores.dtype)(scores, mask, scale, dropout_p)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"):
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention") -> Optional[int]:
     """Raise a clear error unless ``cu_seqlens`` starts at 0, never decreases and ends at
-    ``total``. Reads the values (a device sync), once per tensor version."""
+    ``total``; return the longest sequence. Reads the values (a device sync), once per tensor
+    version; returns None without reading them under torch.compile or CUDA-graph capture."""
     if cu_seqlens.dtype != torch.int32:
         _fail(op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         _fail(op, f"cu_seqlens must be 1-D with batch+1 entries, got shape {tuple(cu_seqlens.shape)}")
     if _cannot_sync(cu_seqlens):
-        return
+        return None
     # Inference tensors (torch.inference_mode) have no version counter: they are known by identity.
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    last, last_version = _checked_cu_seqlens
+    last, last_version, longest = _checked_cu_seqlens
     if last is cu_seqlens and last_version == version:
-        return
+        return longest
     values = cu_seqlens.tolist()
     if values[0] != 0:
         _fail(op, f"cu_seqlens must start at 0, got {values[0]}")
@@ -174,13 +175,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
         _fail(op, f"cu_seqlens must not decrease, got {values}")
     if values[-1] != total:
         _fail(op, f"cu_seqlens ends at {values[-1]} but there are {total} tokens")
-    _checked_cu_seqlens[:] = [cu_seqlens, version]
+    longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+    _checked_cu_seqlens[:] = [cu_seqlens, version, longest]
+    return longest
 
 
-def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor) -> None:
-    """Record ``cu_seqlens`` as valid without reading it: for code that built it itself
-    (the model's unpadding), so that no layer pays a device sync to check it."""
-    _checked_cu_seqlens[:] = [cu_seqlens, None if cu_seqlens.is_inference() else cu_seqlens._version]
+def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, longest: int) -> None:
+    """Record ``cu_seqlens`` (whose longest sequence is ``longest``) as valid without reading
+    it: for code that built it itself (the model's unpadding), so that no layer pays a device
+    sync to check it."""
+    _checked_cu_seqlens[:] = [cu_seqlens, None if cu_seqlens.is_inference() else cu_seqlens._version, longest]
 
 
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
@@ -188,7 +192,8 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
 
     Padded: q, k, v (B, S, H, D); ``attention_mask`` (B, S_k), 1/True for real keys.
     Packed: q, k, v (T, H, D); ``cu_seqlens`` (B+1,) int32 on the same device; ``max_seqlen``
-    the longest sequence (computed if None). ``scale`` defaults to D**-0.5. A query with no
+    the longest sequence or more (computed if None; a shorter one raises, except under
+    torch.compile or CUDA-graph capture, where cu_seqlens cannot be read). ``scale`` defaults to D**-0.5. A query with no
     real key gets zeros.
     """
     op = "attention"
@@ -209,8 +214,11 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
             _fail(op, "pass either attention_mask (padded layout) or cu_seqlens (packed layout), not both")
         if q.dim() != 3 or q.shape != k.shape or k.shape[:2] != v.shape[:2]:
             _fail(op, f"packed q, k, v must be (T, H, D) with the same T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        check_cu_seqlens(cu_seqlens, q.shape[0], op)
+        longest = check_cu_seqlens(cu_seqlens, q.shape[0], op)
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+            max_seqlen = longest if longest is not None else (
+                int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0)
+        elif longest is not None and max_seqlen < longest:  # the kernels would skip the rest of the rows
+            _fail(op, f"max_seqlen is {max_seqlen} but the longest sequence in cu_seqlens has {longest} tokens")
     return implementation(op, q.device, q.dtype)(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                         scale=scale, dropout_p=dropout_p)

@@ -34,8 +34,9 @@ def unpad_mask(attention_mask: torch.Tensor) -> Packing:
     host = lengths.tolist()  # the one read from the device; everything below is sized by it
     indices = _nonzero(keep, sum(host))
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    mark_cu_seqlens_checked(cu_seqlens)  # built here from the mask: valid by construction
-    return Packing(indices, cu_seqlens, max(host, default=0), batch, seqlen)
+    longest = max(host, default=0)
+    mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
+    return Packing(indices, cu_seqlens, longest, batch, seqlen)
 
 
 def _nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:

@@ -179,6 +179,20 @@ def test_invalid_cu_seqlens(cu, match):
         fb.attention(t, t, t, cu_seqlens=torch.tensor([0, 9], device=DEVICE))
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_max_seqlen_shorter_than_a_sequence_raises(backend):
+    """A max_seqlen below the longest sequence would leave rows unwritten: it raises. A longer
+    one, or none, gives the same answer."""
+    t = randn(9, H, 16)
+    cu = torch.tensor([0, 2, 7, 9], dtype=torch.int32, device=DEVICE)
+    with fastbert.use_backend(backend):
+        with pytest.raises(ValueError, match="max_seqlen is 4 but the longest sequence in cu_seqlens has 5 tokens"):
+            fb.attention(t, t, t, cu_seqlens=cu, max_seqlen=4)
+        exact = fb.attention(t, t, t, cu_seqlens=cu)
+        torch.testing.assert_close(fb.attention(t, t, t, cu_seqlens=cu, max_seqlen=5), exact)
+        torch.testing.assert_close(fb.attention(t, t, t, cu_seqlens=cu, max_seqlen=8), exact)
+
+
 # --------------------------------------------------------------------------- dropout
 
 
