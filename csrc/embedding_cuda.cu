@@ -1,5 +1,5 @@
 // CUDA implementation of fastbert::embedding_fwd / embedding_bwd: torch glue around the
-// kernels in embedding_kernels.cuh.
+// kernels in embedding_fwd.cuh and embedding_bwd.cuh (through embedding_kernels.cuh).
 //
 // Out-of-range ids: the forward kernel never reads a bad row; it records the first bad token
 // in a small per-device buffer, and the host copies that word back (one 8-byte copy and a
