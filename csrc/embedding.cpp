@@ -263,9 +263,13 @@ void fwd_cpu(const EmbeddingArgs& a, const at::Tensor& beta, uint64_t seed, at::
   }
 }
 
+constexpr int64_t kColSlice = 256;  // columns per work item of the table gradient
+
 // Table gradient: a stable counting sort of the ids, then each row's tokens summed in token
-// order (the same bits for any thread count). Every row is written once, zeros included: the
-// table is allocated empty, so its pages are first touched in parallel and never twice.
+// order (the same bits for any thread count). The gradient starts as zeros and only rows with
+// tokens are written: a batch touches a few thousand of BERT's 30522 word rows, and writing
+// every row ourselves measured slower than zeros + those rows (4096x768 fp32, 2 threads:
+// backward 88 -> 68 ms).
 template <typename scalar_t, typename acc_t>
 at::Tensor table_grad_cpu(const IdView& ids, int64_t tokens, const acc_t* dx, int64_t H, int64_t skip_row,
                           const at::Tensor& table) {
@@ -281,22 +285,23 @@ at::Tensor table_grad_cpu(const IdView& ids, int64_t tokens, const acc_t* dx, in
     const int64_t id = load_id(ids, t);
     if (id >= 0 && id < n) order[fill[id]++] = t;
   }
-  at::Tensor grad = at::empty({n, H}, table.options());
+  at::Tensor grad = at::zeros({n, H}, table.options());
   scalar_t* gp = grad.data_ptr<scalar_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(H);
-    for (int64_t id = begin; id < end; ++id) {
-      scalar_t* out = gp + id * H;
-      if (start[id + 1] == start[id] || id == skip_row) {
-        std::fill(out, out + H, scalar_t(0));
-        continue;
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+  // Work items are (row, column slice), so that a small table (token types: 2 rows, each the
+  // sum of half the batch) is spread over the threads as well as the 30522-row word table.
+  const int64_t slices = (H + kColSlice - 1) / kColSlice;
+  at::parallel_for(0, n * slices, 16, [&](int64_t begin, int64_t end) {
+    acc_t acc[kColSlice];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t id = item / slices, c0 = (item % slices) * kColSlice, w = std::min(kColSlice, H - c0);
+      scalar_t* out = gp + id * H + c0;
+      if (start[id + 1] == start[id] || id == skip_row) continue;
+      std::fill(acc, acc + w, acc_t(0));
       for (int64_t k = start[id]; k < start[id + 1]; ++k) {
-        const acc_t* row = dx + order[k] * H;
-        for (int64_t j = 0; j < H; ++j) acc[j] += row[j];
+        const acc_t* row = dx + order[k] * H + c0;
+        for (int64_t j = 0; j < w; ++j) acc[j] += row[j];
       }
-      for (int64_t j = 0; j < H; ++j) out[j] = static_cast<scalar_t>(acc[j]);
+      for (int64_t j = 0; j < w; ++j) out[j] = static_cast<scalar_t>(acc[j]);
     }
   });
   return grad;
@@ -324,7 +329,7 @@ std::vector<at::Tensor> bwd_cpu(const EmbeddingArgs& a, const at::Tensor& dy, co
   const bool drop = a.dropout_p > 0.0;
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - a.dropout_p));
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> xh(H), d(H);
+    std::vector<acc_t> xh(H), d(H), p(H);
     for (int64_t blk = b0; blk < b1; ++blk) {
       acc_t* dg = pp + blk * 2 * H;
       acc_t* db = dg + H;
@@ -336,7 +341,6 @@ std::vector<at::Tensor> bwd_cpu(const EmbeddingArgs& a, const at::Tensor& dy, co
           continue;
         }
         const acc_t mu = mp[t], rs = rp[t];
-        acc_t s1 = 0, s2 = 0;
         for (int64_t j = 0; j < H; ++j) {
           xh[j] = (((static_cast<acc_t>(r[0][j]) + static_cast<acc_t>(r[1][j])) + static_cast<acc_t>(r[2][j])) - mu) * rs;
           d[j] = static_cast<acc_t>(dyp[t * H + j]);
@@ -347,14 +351,14 @@ std::vector<at::Tensor> bwd_cpu(const EmbeddingArgs& a, const at::Tensor& dy, co
             for (int i = 0; i < 4 && j + i < H; ++i) d[j + i] *= u4_get(bits, i) < a.keep_threshold ? scale : acc_t(0);
           }
         }
-        for (int64_t j = 0; j < H; ++j) {
+        for (int64_t j = 0; j < H; ++j) {  // element-wise, so it vectorises; the row sums follow
           dg[j] += d[j] * xh[j];
           db[j] += d[j];
           d[j] *= g[j];
-          s1 += d[j];
-          s2 += d[j] * xh[j];
+          p[j] = d[j] * xh[j];
         }
-        const acc_t m1 = s1 / H, m2 = s2 / H;
+        const acc_t m1 = lane_sum(d.data(), H, [](acc_t v) { return v; }) / H;
+        const acc_t m2 = lane_sum(p.data(), H, [](acc_t v) { return v; }) / H;
         for (int64_t j = 0; j < H; ++j) o[j] = rs * (d[j] - m1 - xh[j] * m2);
       }
     }
