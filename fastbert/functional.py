@@ -193,7 +193,8 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     Padded: q, k, v (B, S, H, D); ``attention_mask`` (B, S_k), 1/True for real keys.
     Packed: q, k, v (T, H, D); ``cu_seqlens`` (B+1,) int32 on the same device; ``max_seqlen``
     the longest sequence or more (computed if None; a shorter one raises, except under
-    torch.compile or CUDA-graph capture, where cu_seqlens cannot be read). ``scale`` defaults to D**-0.5. A query with no
+    torch.compile or CUDA-graph capture, where cu_seqlens cannot be read). ``scale``
+    defaults to D**-0.5. A query with no
     real key gets zeros.
     """
     op = "attention"

@@ -15,21 +15,23 @@ backward op's body the same way (:func:`backward_impl`). Both paths run the same
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
-def register_autograd(op, body: Callable, backward: Callable, setup_context: Callable) -> Callable:
-    """Register ``backward``/``setup_context`` on the custom op ``op`` (whose implementation is
-    ``body``) and return the function to call it with. ``op`` is a Python custom op, or the
-    qualified name of one defined in C++ ("fastbert::embedding_fwd")."""
+def register_autograd(op, backward: Callable, setup_context: Callable, body: Optional[Callable] = None) -> Callable:
+    """Register ``backward``/``setup_context`` on the custom op ``op`` and return the function
+    to call it with. ``op`` is one of fastbert's Python custom ops (its implementation is
+    ``op.body``), or the qualified name of an op defined in C++ ("fastbert::embedding_fwd"),
+    whose ``body`` is then given (:func:`below_autograd`)."""
     if isinstance(op, str):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         namespace, name = op.split("::")
         op = getattr(getattr(torch.ops, namespace), name)
     else:
         op.register_autograd(backward, setup_context=setup_context)
+        body = op.body
 
     # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds
     # the arguments through inspect.signature on every call (~15 µs).
@@ -61,10 +63,10 @@ def below_autograd(op) -> Callable:
     return body
 
 
-def backward_impl(ctx, op, body: Callable) -> Callable:
-    """In a backward: ``body`` (the backward op's implementation) when the forward ran
+def backward_impl(ctx, op) -> Callable:
+    """In a backward: the backward op's implementation (``op.body``) when the forward ran
     directly, else the op itself (the graph torch.compile traced)."""
-    return body if getattr(ctx, "direct", False) else op
+    return op.body if getattr(ctx, "direct", False) else op
 
 
 # Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions

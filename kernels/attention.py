@@ -280,12 +280,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
-    bwd = backward_impl(ctx, attention_bwd, attention_bwd.body)
+    bwd = backward_impl(ctx, attention_bwd)
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, *ctx.meta)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_call = register_autograd(attention_fwd, attention_fwd.body, _backward, _setup_context)
+_call = register_autograd(attention_fwd, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------- public entry points

@@ -101,8 +101,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return None, None, None, gw, gp, gt, glw, glb, None, None, None, None
 
 
-_call = register_autograd("fastbert::embedding_fwd", below_autograd(torch.ops.fastbert.embedding_fwd.default),
-                          _backward, _setup_context)
+_call = register_autograd("fastbert::embedding_fwd", _backward, _setup_context,
+                          body=below_autograd(torch.ops.fastbert.embedding_fwd.default))
 
 
 # ---------------------------------------------------------------------------------------------

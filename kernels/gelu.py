@@ -161,11 +161,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = backward_impl(ctx, _bwd, _bwd.body)(dy, x, bias, ctx.tanh)
+    dx, db = backward_impl(ctx, _bwd)(dy, x, bias, ctx.tanh)
     return dx, db, None
 
 
-_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
+_call = register_autograd(_fwd, _backward, _setup_context)
 
 
 def bias_gelu(x, bias, approximate="none"):

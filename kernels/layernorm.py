@@ -352,14 +352,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, residual, weight, bias, x_bias, mean, rstd, seed = ctx.saved_tensors
-    dh, dx, dw, db, dxb = backward_impl(ctx, _bwd, _bwd.body)(dy, x, residual, weight, bias, x_bias, mean, rstd,
-                                                              ctx.dropout_p, seed)
+    dh, dx, dw, db, dxb = backward_impl(ctx, _bwd)(dy, x, residual, weight, bias, x_bias, mean, rstd, ctx.dropout_p,
+                                                   seed)
     if _shares_dx(x, residual, ctx.dropout_p):
         dx = dh
     return dx, dh, dw, db, None, (dxb if x_bias is not None else None), None, None
 
 
-_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
+_call = register_autograd(_fwd, _backward, _setup_context)
 
 
 def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):

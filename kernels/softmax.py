@@ -178,11 +178,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     scores, mask, lse, seed = ctx.saved_tensors
-    ds = backward_impl(ctx, _bwd, _bwd.body)(dy, scores, mask, lse, ctx.scale, ctx.dropout_p, seed)
+    ds = backward_impl(ctx, _bwd)(dy, scores, mask, lse, ctx.scale, ctx.dropout_p, seed)
     return ds, None, None, None, None
 
 
-_call = register_autograd(_fwd, _fwd.body, _backward, _setup_context)
+_call = register_autograd(_fwd, _backward, _setup_context)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
