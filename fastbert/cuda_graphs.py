@@ -9,14 +9,23 @@ is filled with pad ids under a zero attention mask, the graph is replayed, and t
 are cut back to the input's batch and length.
 
 Padding a bucket does not change the real positions: BERT's attention masks keys, so a
-masked token is never attended to, and every other op works token by token. The captured
-forward runs the padded layout (``BertModel`` skips unpadding while a stream captures,
-whose gather sizes would depend on the data) and never reads a value back to the host.
+masked token is never attended to, and every other op works token by token. A padded graph
+runs every position of its bucket and never reads a value back to the host.
+
+Inputs with padding run *packed* instead (``unpad=True``, the default), as the eager model
+does: the layers see only the real tokens, rounded up to a token bucket (a multiple of a
+sixteenth of the bucket's positions, see :func:`token_bucket`), so a batch of ragged lengths
+costs its real tokens, not batch × longest. The graph is captured per (bucket, token
+bucket); before each replay the runner writes the packing (the real tokens' positions and
+``cu_seqlens``) into the graph's static buffers. Choosing the token bucket needs the number
+of real tokens: one read of the mask's row sums, a device sync when the mask is on the GPU
+(none when it is on the CPU or absent).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -24,14 +33,31 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import reference
 from .modeling import BertModel
+from .ops import implementation
 from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
+from .padding import Packing, nonzero
 
 # Outputs with one row per sequence (no length dim); every other tensor is per token.
 _PER_SEQUENCE_FIELDS = ("pooler_output", "seq_relationship_logits")
 _PER_SEQUENCE_LOGITS = (SequenceClassifierOutput, NextSentencePredictorOutput, MultipleChoiceModelOutput)
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TOKEN_STEPS = 16  # token buckets per (batch, length) bucket
+
+
+def token_bucket(total: int, capacity: int, steps: int = TOKEN_STEPS) -> int:
+    """The token count of the packed graph that runs ``total`` real tokens of a bucket with
+    ``capacity`` positions: ``total`` rounded up to a step of ``capacity / steps`` (itself
+    rounded up to a multiple of 64, a GEMM tile), at least one step and at most ``capacity``
+    (which means: run the padded graph)."""
+    step = token_step(capacity, steps)
+    return min(capacity, max(step, -(-total // step) * step))
+
+
+def token_step(capacity: int, steps: int = TOKEN_STEPS) -> int:
+    return -(-capacity // (steps * 64)) * 64
 
 
 def select_bucket(batch: int, seqlen: int, batch_sizes: Sequence[int],
@@ -63,6 +89,32 @@ def pad_to_bucket(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     parts += [torch.nn.functional.pad(t.to(device=input_ids.device, dtype=torch.long).expand(shape), pad)
               for t in (token_type_ids, position_ids)]
     return torch.stack(parts)
+
+
+def static_packing(rows: int, seqlen: int, tokens: int, device) -> Packing:
+    """The static buffers of a packed graph for ``rows`` sequences of up to ``seqlen`` tokens
+    run as ``tokens`` packed tokens; filled before each replay by :func:`fill_packing`. The
+    tokens past the real ones map to spare rows (one token step of them: a token bucket
+    holds fewer than a step more than the real tokens)."""
+    spare = token_step(rows * seqlen)
+    indices = torch.arange(rows * seqlen, rows * seqlen + tokens, device=device)
+    cu_seqlens = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+    return Packing(indices, cu_seqlens, seqlen, rows, seqlen, spare=spare)
+
+
+def fill_packing(packing: Packing, mask: torch.Tensor, lengths: Sequence[int]) -> None:
+    """Write the packing of a 0/1 ``mask`` (any shape with ``packing.batch * packing.seqlen``
+    entries, on the buffers' device) whose rows hold ``lengths`` real tokens into the static
+    buffers, without reading the device: the real tokens' positions, then spare rows for the
+    rest of the token bucket; ``cu_seqlens`` of the rows (sequences past the batch are empty)."""
+    total, flat = sum(lengths), packing.batch * packing.seqlen
+    if not (len(lengths) == packing.batch and total <= packing.total <= total + packing.spare):
+        raise ValueError(f"a packing of {len(lengths)} rows with {total} tokens does not fit the buffers of "
+                         f"{packing.batch} rows and {packing.total} tokens")
+    rows = mask.reshape(packing.batch, packing.seqlen)
+    packing.indices[:total].copy_(nonzero(rows.reshape(-1) != 0, total))
+    packing.indices[total:].copy_(torch.arange(flat, flat + packing.total - total, device=packing.indices.device))
+    packing.cu_seqlens[1:].copy_(torch.cumsum((rows != 0).sum(1, dtype=torch.int32), 0))
 
 
 def run_bucket(model: nn.Module, inputs: torch.Tensor) -> ModelOutput:
@@ -99,18 +151,19 @@ def slice_output(out: ModelOutput, batch: int, seqlen: int, bucket_batch: int) -
 
 
 @contextlib.contextmanager
-def padded_layout(model: nn.Module) -> Iterator[None]:
-    """Run every BertModel inside ``model`` on the padded layout with the key-padding mask,
-    the path a capture takes, so that warm-up compiles and tunes the kernels it will record."""
+def capture_layout(model: nn.Module, packing: Optional[Packing] = None) -> Iterator[None]:
+    """Run every BertModel inside ``model`` on the layout a capture records: packed by the
+    static ``packing`` if one is given, else padded with the key-padding mask; warm-up
+    under it compiles and tunes the kernels the capture will record."""
     berts = [m for m in model.modules() if isinstance(m, BertModel)]
-    saved = [m.unpad for m in berts]
+    saved = [(m.unpad, m.static_packing) for m in berts]
     for m in berts:
-        m.unpad = False
+        m.unpad, m.static_packing = False, packing
     try:
         yield
     finally:
-        for m, unpad in zip(berts, saved):
-            m.unpad = unpad
+        for m, (unpad, static) in zip(berts, saved):
+            m.unpad, m.static_packing = unpad, static
 
 
 def _sizes(name: str, values) -> Tuple[int, ...]:
@@ -129,6 +182,7 @@ class _Graph:
     inputs: torch.Tensor          # (4, bucket_batch, ..., bucket_len) int64, read by every replay
     output: ModelOutput           # written by every replay
     keepalive: List[torch.Tensor]  # cached weights the graph reads (the fused QKV)
+    packing: Optional[Packing]    # a packed graph's static packing, None for a padded one
 
 
 class CUDAGraphRunner:
@@ -138,25 +192,30 @@ class CUDAGraphRunner:
     ``runner(input_ids, attention_mask=None, token_type_ids=None, position_ids=None)``
     returns the model's output type, cut to the input's batch and length (a copy: later
     calls do not overwrite it). The bucket is the smallest in ``batch_sizes`` ×
-    ``seq_lens`` that holds the input; its graph is captured on first use, or up front by
-    :meth:`capture_all`; all graphs share one memory pool. Inputs larger than the largest
-    bucket run the eager model (with a warning) or, with ``fallback=False``, raise.
+    ``seq_lens`` that holds the input. With ``unpad`` (default) an input that fills fewer
+    than fifteen sixteenths of its bucket runs packed, on its real tokens rounded up to a
+    token bucket (see the module's notes; this reads the mask's row sums, a device sync for
+    a mask on the GPU, which servers whose batches are full avoid with ``unpad=False``);
+    otherwise it runs padded. Each graph is captured on first use, or up
+    front by :meth:`capture_all` (padded graphs); all graphs share one memory pool. Inputs
+    larger than the largest bucket run the eager model (with a warning) or, with
+    ``fallback=False``, raise.
 
     ``dtype`` casts the model in place (``model.to(dtype)``) before any capture. With
     ``check_inputs`` (default) ids out of range raise a ValueError before the replay; for
     inputs already on the GPU that costs one device sync, so servers that trust their
     tokenizer may turn it off. Inputs on the CPU are copied to the model's device.
 
-    Outputs at real positions equal the eager model's. Padded positions (mask 0) hold
-    values computed as Hugging Face computes them, not the zeros of eager fastbert's
-    unpadded path. A graph reads the parameters where they were at capture and keeps its
+    Outputs at real positions equal the eager model's. Padded positions (mask 0) hold zeros
+    after a packed graph, as in eager fastbert; after a padded graph they hold values
+    computed as Hugging Face computes them. A graph reads the parameters where they were at capture and keeps its
     own copy of the fused QKV weight: after changing the weights or the fastbert backend,
     call :meth:`reset`.
     """
 
     def __init__(self, model: nn.Module, batch_sizes: Sequence[int] = (1, 8, 32),
                  seq_lens: Sequence[int] = (32, 64, 128, 256, 512), dtype: Optional[torch.dtype] = None, *,
-                 fallback: bool = True, check_inputs: bool = True, warmup_iters: int = 3):
+                 fallback: bool = True, check_inputs: bool = True, warmup_iters: int = 3, unpad: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"CUDAGraphRunner takes a fastbert model, got {type(model).__name__}")
         bert = model if isinstance(model, BertModel) else next((m for m in model.modules() if isinstance(m, BertModel)), None)
@@ -183,7 +242,7 @@ class CUDAGraphRunner:
         if dtype is not None:
             model.to(dtype)
         self.model, self.device = model, device
-        self.fallback, self.check_inputs, self.warmup_iters = fallback, check_inputs, warmup_iters
+        self.fallback, self.check_inputs, self.warmup_iters, self.unpad = fallback, check_inputs, warmup_iters, bool(unpad)
         pad = bert.config.pad_token_id
         self.pad_token_id = 0 if pad is None else int(pad)
         emb = bert.embeddings
@@ -191,12 +250,14 @@ class CUDAGraphRunner:
         self._limits = (emb.word_embeddings.num_embeddings, 2, emb.token_type_embeddings.num_embeddings,
                         emb.position_embeddings.num_embeddings)
         self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: Dict[Tuple[int, Tuple[int, ...], int], _Graph] = {}
+        self._graphs: Dict[Tuple[int, Tuple[int, ...], int, int], _Graph] = {}
         self._warned = False
 
     @property
-    def captured(self) -> List[Tuple[int, Tuple[int, ...], int]]:
-        """The buckets captured so far, as (batch size, inner dims, sequence length)."""
+    def captured(self) -> List[Tuple[int, Tuple[int, ...], int, int]]:
+        """The graphs captured so far, as (batch size, inner dims, sequence length, tokens):
+        ``tokens`` is the packed token bucket, or every position of the bucket for a padded
+        graph."""
         return sorted(self._graphs)
 
     def reset(self) -> None:
@@ -205,14 +266,15 @@ class CUDAGraphRunner:
         self._pool = torch.cuda.graph_pool_handle()
 
     def capture_all(self, inner_shape: Sequence[int] = ()) -> None:
-        """Capture every bucket now, largest first so that smaller graphs reuse its memory.
-        ``inner_shape`` is the dims between batch and length: (num_choices,) for
-        BertForMultipleChoice, () otherwise."""
+        """Capture the padded graph of every bucket now, largest first so that smaller graphs
+        reuse its memory (packed graphs are captured on first use). ``inner_shape`` is the
+        dims between batch and length: (num_choices,) for BertForMultipleChoice, () otherwise."""
         inner = tuple(int(d) for d in inner_shape)
         for b in reversed(self.batch_sizes):
             for s in reversed(self.seq_lens):
-                if (b, inner, s) not in self._graphs:
-                    self._capture(b, inner, s)
+                key = (b, inner, s, b * math.prod(inner) * s)
+                if key not in self._graphs:
+                    self._capture(*key)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> ModelOutput:
@@ -223,18 +285,38 @@ class CUDAGraphRunner:
         bucket = select_bucket(batch, seqlen, self.batch_sizes, self.seq_lens)
         if bucket is None:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
-        key = (bucket[0], tuple(input_ids.shape[1:-1]), bucket[1])
+        inner = tuple(input_ids.shape[1:-1])
         inputs = pad_to_bucket(input_ids, attention_mask, token_type_ids, position_ids, bucket[0], bucket[1],
                                self.pad_token_id)
         if self.check_inputs:
             self._check_ranges(inputs)
+        lengths = self._row_lengths(inputs, attention_mask, batch, seqlen)
+        capacity = inputs[1].numel()
+        tokens = capacity if lengths is None else token_bucket(sum(lengths), capacity)
+        key = (bucket[0], inner, bucket[1], tokens)
         graph = self._graphs.get(key) or self._capture(*key)
         with torch.cuda.device(self.device), torch.no_grad():
             graph.inputs.copy_(inputs)
+            if graph.packing is not None:
+                fill_packing(graph.packing, graph.inputs[1], lengths)
             graph.graph.replay()
             return slice_output(graph.output, batch, seqlen, bucket[0])
 
     # ------------------------------------------------------------------ internals
+
+    def _row_lengths(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int,
+                     seqlen: int) -> Optional[List[int]]:
+        """The real tokens of each row of the bucket (its sequences, choices flattened), or
+        None where the input should run padded: unpadding is off, or the attention kernel
+        cannot be captured packed (the eager reference reads cu_seqlens on the host)."""
+        dtype = next(self.model.parameters()).dtype
+        if not self.unpad or implementation("attention", self.device, dtype) is reference.attention:
+            return None
+        rows = inputs[1].reshape(-1, inputs.shape[-1])
+        if attention_mask is None:  # only the bucket's padding: known without reading the device
+            real_rows = rows.shape[0] // inputs.shape[1] * batch
+            return [seqlen] * real_rows + [0] * (rows.shape[0] - real_rows)
+        return rows.sum(1).tolist()
 
     def _check_shapes(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
@@ -282,14 +364,20 @@ class CUDAGraphRunner:
         with torch.no_grad():
             return self.model(**dict(zip(_INPUTS, moved)), return_dict=True)
 
-    def _capture(self, bucket_batch: int, inner: Tuple[int, ...], bucket_len: int) -> _Graph:
+    def _capture(self, bucket_batch: int, inner: Tuple[int, ...], bucket_len: int, tokens: int) -> _Graph:
         shape = (bucket_batch, *inner, bucket_len)
         inputs = torch.empty((4, *shape), dtype=torch.long, device=self.device)
         inputs[0].fill_(self.pad_token_id)
         inputs[1].fill_(1)
         inputs[2].zero_()
         inputs[3].copy_(torch.arange(bucket_len, device=self.device).expand(shape))
-        with torch.cuda.device(self.device), torch.no_grad(), padded_layout(self.model):
+        packing = None
+        if tokens < inputs[1].numel():  # packed: warm up on the first `tokens` positions as real tokens
+            rows = inputs[1].numel() // bucket_len
+            packing = static_packing(rows, bucket_len, tokens, self.device)
+            warm = torch.arange(rows * bucket_len, device=self.device) < tokens
+            fill_packing(packing, warm, [min(bucket_len, max(0, tokens - r * bucket_len)) for r in range(rows)])
+        with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing):
             # Warm-up on a side stream (as PyTorch asks) compiles and tunes every kernel and
             # fills the model's caches, so the capture itself only records launches.
             side = torch.cuda.Stream(self.device)
@@ -302,8 +390,8 @@ class CUDAGraphRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = run_bucket(self.model, inputs)
         keepalive = [t for m in self.model.modules() for t in _cached_tensors(m)]
-        entry = _Graph(graph, inputs, output, keepalive)
-        self._graphs[(bucket_batch, inner, bucket_len)] = entry
+        entry = _Graph(graph, inputs, output, keepalive, packing)
+        self._graphs[(bucket_batch, inner, bucket_len, tokens)] = entry
         return entry
 
     def __repr__(self) -> str:

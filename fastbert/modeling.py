@@ -23,6 +23,7 @@ from torch import nn
 
 from . import functional as fb
 from .config import BertConfig
+from .functional import mark_cu_seqlens_checked
 from .outputs import BaseModelOutputWithPooling
 from .ops import load_kernels
 from .padding import Packing, pad, unpad, unpad_mask
@@ -282,6 +283,9 @@ class BertModel(BertPreTrainedModel):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.unpad = True
+        # Set only by fastbert.cuda_graphs while it warms up and captures a packed bucket:
+        # the packing of the bucket's static buffers, used in place of one read from the mask.
+        self.static_packing: Optional[Packing] = None
         self.post_init()
         load_kernels()  # torch.compile cannot trace the first import of a kernel module
 
@@ -341,6 +345,16 @@ class BertModel(BertPreTrainedModel):
                                  "(batch, seq_len, seq_len) or (batch, 1|heads, 1|seq_len, seq_len)")
         return shape
 
+    def _checked_static_packing(self, batch: int, seqlen: int) -> Packing:
+        packing = self.static_packing
+        if (packing.batch, packing.seqlen) != (batch, seqlen):
+            raise ValueError(f"the static packing is for inputs of shape {(packing.batch, packing.seqlen)}, "
+                             f"got {(batch, seqlen)}")
+        # Built by fastbert.cuda_graphs: valid by construction, and it may hold spare tokens
+        # after the last sequence, which the public check of cu_seqlens would refuse.
+        mark_cu_seqlens_checked(packing.cu_seqlens, packing.max_seqlen)
+        return packing
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         _check_kwargs(kwargs)
@@ -373,7 +387,9 @@ class BertModel(BertPreTrainedModel):
             if attention_mask.dim() == 3 or not additive.is_floating_point():
                 additive = _keep_to_additive(additive, dtype)
 
-        if key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
+        if key_mask is not None and self.static_packing is not None:
+            packing, key_mask = self._checked_static_packing(batch, seqlen), None
+        elif key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
             packing = unpad_mask(key_mask)
             key_mask = None
             if packing.total == batch * seqlen:

@@ -2,6 +2,12 @@
 
 :func:`unpad_mask` turns a 2-D attention mask into the indices of the real tokens and
 ``cu_seqlens``; :func:`pad` scatters packed rows back into a zero-filled padded tensor.
+
+A CUDA graph needs the packed token count fixed when it is captured, so
+``fastbert.cuda_graphs`` packs into a bucket of tokens that may hold more than the real
+ones: the extra tokens come after the last sequence, belong to none (attention neither reads
+nor writes them), and are gathered from and scattered to ``spare`` rows past the B*S padded
+positions, so they never touch a real or a padded position.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ class Packing:
     max_seqlen: int           # the longest sequence
     batch: int
     seqlen: int
+    spare: int = 0            # rows after the B*S positions that tokens past cu_seqlens[-1] map to
 
     @property
     def total(self) -> int:
@@ -32,14 +39,14 @@ def unpad_mask(attention_mask: torch.Tensor) -> Packing:
     keep = attention_mask.reshape(-1) != 0
     lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
     host = lengths.tolist()  # the one read from the device; everything below is sized by it
-    indices = _nonzero(keep, sum(host))
+    indices = nonzero(keep, sum(host))
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     longest = max(host, default=0)
     mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
     return Packing(indices, cu_seqlens, longest, batch, seqlen)
 
 
-def _nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
+def nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
     """Indices of the True entries, ``total`` of them, without a second device sync where
     ``nonzero_static`` exists for the device."""
     try:
@@ -49,12 +56,16 @@ def _nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """(B, S, ...) -> (T, ...): the rows of the real tokens."""
-    return x.reshape(packing.batch * packing.seqlen, *x.shape[2:])[packing.indices]
+    """(B, S, ...) -> (T, ...): the rows of the real tokens (zeros for spare ones)."""
+    flat = x.reshape(packing.batch * packing.seqlen, *x.shape[2:])
+    if packing.spare:
+        flat = torch.cat([flat, flat.new_zeros(packing.spare, *flat.shape[1:])])
+    return flat[packing.indices]
 
 
 def pad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """(T, ...) -> (B, S, ...), zeros at padded positions."""
-    out = x.new_zeros(packing.batch * packing.seqlen, *x.shape[1:])
+    rows = packing.batch * packing.seqlen
+    out = x.new_zeros(rows + packing.spare, *x.shape[1:])
     out = out.index_copy(0, packing.indices, x)  # differentiable, unlike an in-place scatter
-    return out.view(packing.batch, packing.seqlen, *x.shape[1:])
+    return out[:rows].view(packing.batch, packing.seqlen, *x.shape[1:])

@@ -79,7 +79,8 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
 
     Padded layout: q, k, v are (B, S, H, D) and ``attention_mask`` (B, S_k) is 1 for real
     keys. Packed layout: q, k, v are (T, H, D) and ``cu_seqlens`` (B+1, int32) marks where
-    each sequence starts. A query with no real key gets zeros.
+    each sequence starts. A query with no real key gets zeros, as do rows after the last
+    sequence (the spare tokens of a CUDA-graph bucket; the kernel leaves them unwritten).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
@@ -88,4 +89,5 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     bounds = cu_seqlens.tolist()
     out = [_attention_padded(q[a:b][None], k[a:b][None], v[a:b][None], None, scale, dropout_p)[0]
            for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out) if out else q.new_empty(q.shape[:-1] + v.shape[-1:])
+    out.append(q.new_zeros((q.shape[0] - bounds[-1], *q.shape[1:-1], v.shape[-1])))
+    return torch.cat(out)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastbert
-from fastbert.cuda_graphs import CUDAGraphRunner, pad_to_bucket, padded_layout, run_bucket, select_bucket, slice_output
+from fastbert.cuda_graphs import (CUDAGraphRunner, fill_packing, pad_to_bucket, capture_layout, run_bucket, select_bucket,
+                                  slice_output, static_packing, token_bucket, token_step)
 from fastbert.outputs import BaseModelOutputWithPooling
 
 VOCAB = 61
@@ -87,7 +88,7 @@ def test_bucket_padding_keeps_real_outputs(cls, names):
         ids, mask, types = random_inputs(batch, seqlen)
         with torch.no_grad():
             expected = model(ids, attention_mask=mask, token_type_ids=types)
-            with padded_layout(model):
+            with capture_layout(model):
                 full = run_bucket(model, pad_to_bucket(ids, mask, types, None, *bucket, 0))
         got = slice_output(full, batch, seqlen, bucket[0])
         assert type(got) is type(expected)
@@ -104,11 +105,106 @@ def test_bucket_padding_multiple_choice():
     ids, mask, types = random_inputs(3, 9, inner=(2,))
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, token_type_ids=types)
-        with padded_layout(model):
+        with capture_layout(model):
             full = run_bucket(model, pad_to_bucket(ids, mask, types, None, 8, 16, 0))
     got = slice_output(full, 3, 9, 8)
     real_close(got.logits, expected.logits, mask, False, what="logits")
     real_close(got.hidden_states[-1], expected.hidden_states[-1], mask, True, what="hidden_states[-1]")
+
+
+@pytest.mark.parametrize("total,capacity,expected", [
+    (0, 16384, 1024), (1, 16384, 1024), (8700, 16384, 9216), (15360, 16384, 15360), (15361, 16384, 16384),
+    (16384, 16384, 16384), (33, 256, 64), (65, 256, 128), (40, 64, 64), (100, 128, 128), (1000, 4096, 1024),
+])
+def test_token_bucket(total, capacity, expected):
+    assert token_bucket(total, capacity) == expected
+
+
+def test_token_step_is_a_tile_multiple():
+    for capacity in (1, 32, 64, 100, 128, 1000, 4096, 16384, 3 * 512 * 7):
+        step = token_step(capacity)
+        assert step % 64 == 0 and step * 16 >= capacity and (step - 64) * 16 < capacity
+
+
+def test_fill_packing_layout():
+    """Real tokens first, in order; then spare rows past the B*S positions; cu_seqlens of the rows."""
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]])
+    packing = static_packing(4, 4, 8, "cpu")
+    assert (packing.batch, packing.seqlen, packing.max_seqlen, packing.total, packing.spare) == (4, 4, 4, 8, 64)
+    fill_packing(packing, mask, [3, 0, 3, 0])
+    assert packing.indices.tolist() == [0, 1, 2, 8, 10, 11, 16, 17]
+    assert packing.cu_seqlens.tolist() == [0, 3, 3, 6, 6]
+    fill_packing(packing, torch.zeros(16, dtype=torch.long), [0] * 4)  # nothing real: all spare
+    assert packing.indices.tolist() == list(range(16, 24)) and packing.cu_seqlens.tolist() == [0] * 5
+    with pytest.raises(ValueError, match="does not fit the buffers"):
+        fill_packing(packing, torch.ones(16, dtype=torch.long), [4] * 4)  # 16 real tokens > 8
+
+
+def _poison_spare_rows(model, total):
+    """Fill the attention output of every token past the real ones with NaN (the kernel
+    leaves those rows unwritten): nothing may carry them into a real or padded position."""
+    def hook(module, args, output):
+        context, probs = output
+        context = context.clone()
+        context[total:] = float("nan")
+        return context, probs
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, fastbert.modeling.BertSelfAttention)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("cls,names", HEADS, ids=[c.__name__ for c, _ in HEADS])
+def test_packed_bucket_keeps_real_outputs(cls, names, backend):
+    """The runner's packed path, minus the graph: pad into a bucket, pack its real tokens
+    into a token bucket through static buffers, run, cut back. Padded positions are zeros."""
+    fastbert.set_backend(backend)
+    model = cls(tiny_config(output_hidden_states=True)).eval()
+    cases = ((3, 11, (4, 32)), (2, 5, (8, 32)), (1, 20, (2, 64)))
+    if backend == "triton":  # the interpreter is slow
+        cases = cases[:1]
+    for batch, seqlen, bucket in cases:
+        ids, mask, types = random_inputs(batch, seqlen)
+        inputs = pad_to_bucket(ids, mask, types, None, *bucket, 0)
+        lengths = inputs[1].sum(1).tolist()
+        tokens = token_bucket(sum(lengths), inputs[1].numel())
+        assert tokens < inputs[1].numel()  # the case runs packed
+        packing = static_packing(bucket[0], bucket[1], tokens, "cpu")
+        fill_packing(packing, inputs[1], lengths)
+        hooks = _poison_spare_rows(model, sum(lengths))
+        with torch.no_grad():
+            expected = model(ids, attention_mask=mask, token_type_ids=types)
+            with capture_layout(model, packing):
+                full = run_bucket(model, inputs)
+        for h in hooks:
+            h.remove()
+        got = slice_output(full, batch, seqlen, bucket[0])
+        for name in names:
+            real_close(got[name], expected[name], mask, _per_token(cls, name), what=name)
+            assert not got[name].isnan().any(), f"{name}: a spare token leaked into the output"
+        for i, (h, e) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+            real_close(h, e, mask, True, what=f"hidden_states[{i}]")
+            assert (h[mask == 0] == 0).all() and (full.hidden_states[i][batch:] == 0).all()
+    assert all(m.unpad and m.static_packing is None for m in model.modules() if isinstance(m, fastbert.BertModel))
+
+
+def test_packed_bucket_multiple_choice():
+    model = fastbert.BertForMultipleChoice(tiny_config()).eval()
+    ids, mask, types = random_inputs(3, 9, inner=(2,))
+    inputs = pad_to_bucket(ids, mask, types, None, 4, 16, 0)
+    lengths = inputs[1].reshape(-1, 16).sum(1).tolist()
+    packing = static_packing(8, 16, token_bucket(sum(lengths), 128), "cpu")
+    fill_packing(packing, inputs[1], lengths)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, token_type_ids=types)
+        with capture_layout(model, packing):
+            full = run_bucket(model, inputs)
+    real_close(slice_output(full, 3, 9, 4).logits, expected.logits, mask, False, what="logits")
+
+
+def test_static_packing_must_fit_the_input():
+    model = fastbert.BertModel(tiny_config()).eval()
+    ids, mask, _ = random_inputs(2, 8)
+    with capture_layout(model, static_packing(4, 8, 16, "cpu")), pytest.raises(ValueError, match="static packing"):
+        model(ids, attention_mask=mask)
 
 
 def test_slice_output_copies():
@@ -176,13 +272,13 @@ def _check_against_eager(runner, model, batch, seqlen, names, cls, atol=1e-5, rt
 def test_graphs_match_eager_in_every_bucket(backend):
     fastbert.set_backend(backend)
     model = _gpu_model()
-    runner = CUDAGraphRunner(model, batch_sizes=(1, 4, 8), seq_lens=(16, 32, 128))
+    runner = CUDAGraphRunner(model, batch_sizes=(1, 4, 8), seq_lens=(16, 32, 128), unpad=False)
     names = ("last_hidden_state", "pooler_output")
     shapes = ((1, 16), (1, 5), (3, 16), (4, 9), (2, 32), (8, 17), (5, 128), (8, 100), (6, 1))
     for batch, seqlen in shapes:  # B and S at, and below, their bucket's
         _check_against_eager(runner, model, batch, seqlen, names, fastbert.BertModel)
     buckets = {select_bucket(b, s, runner.batch_sizes, runner.seq_lens) for b, s in shapes}
-    assert runner.captured == sorted((b, (), s) for b, s in buckets)  # one graph per bucket, reused
+    assert runner.captured == sorted((b, (), s, b * s) for b, s in buckets)  # one padded graph per bucket, reused
     # Inputs from the CPU are moved to the GPU; int32 ids work.
     ids, mask, types = random_inputs(2, 12)
     got = runner(ids.int(), attention_mask=mask, token_type_ids=types)
@@ -213,7 +309,7 @@ def test_repeated_calls_see_fresh_inputs_and_keep_old_outputs():
     kept = first.last_hidden_state.clone()
     for batch, seqlen in ((6, 20), (2, 31), (8, 3)):  # same bucket, new data each time
         _check_against_eager(runner, model, batch, seqlen, ("last_hidden_state", "pooler_output"), fastbert.BertModel)
-    assert runner.captured == [(8, (), 32)]
+    assert {key[:3] for key in runner.captured} == {(8, (), 32)}
     torch.testing.assert_close(first.last_hidden_state, kept, atol=0, rtol=0)  # not overwritten by later replays
 
 
@@ -234,7 +330,7 @@ def test_graphs_of_multiple_choice():
     model = _gpu_model(fastbert.BertForMultipleChoice)
     runner = CUDAGraphRunner(model, batch_sizes=(4,), seq_lens=(16,))
     runner.capture_all(inner_shape=(3,))
-    assert runner.captured == [(4, (3,), 16)]
+    assert runner.captured == [(4, (3,), 16, 192)]
     ids, mask, types = random_inputs(2, 11, "cuda", inner=(3,))
     got = runner(ids, attention_mask=mask, token_type_ids=types)
     with torch.no_grad():
@@ -260,7 +356,7 @@ def test_capture_all_and_fallback():
     model = _gpu_model()
     runner = CUDAGraphRunner(model, batch_sizes=(1, 2), seq_lens=(8, 16))
     runner.capture_all()
-    assert runner.captured == [(1, (), 8), (1, (), 16), (2, (), 8), (2, (), 16)]
+    assert runner.captured == [(1, (), 8, 8), (1, (), 16, 16), (2, (), 8, 16), (2, (), 16, 32)]
     for batch, seqlen in ((1, 8), (2, 3), (2, 16)):
         _check_against_eager(runner, model, batch, seqlen, ("last_hidden_state",), fastbert.BertModel)
     with pytest.warns(UserWarning, match="exceeds the largest bucket"):
@@ -302,6 +398,44 @@ def test_reset_after_weight_change():
     runner.reset()
     assert runner.captured == []
     _check_against_eager(runner, model, 2, 12, ("last_hidden_state", "pooler_output"), fastbert.BertModel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_packed_graphs(dtype):
+    """Ragged batches run packed: one graph per token bucket, real positions as eager,
+    zeros at padded positions; a padded runner on the same inputs agrees."""
+    model = _gpu_model(dtype=dtype)
+    packed = CUDAGraphRunner(model, batch_sizes=(8,), seq_lens=(128,))
+    padded = CUDAGraphRunner(model, batch_sizes=(8,), seq_lens=(128,), unpad=False)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for batch, seqlen in ((8, 128), (5, 100), (8, 17), (2, 128), (8, 128)):
+        got = _check_against_eager(packed, model, batch, seqlen, ("last_hidden_state", "pooler_output"),
+                                   fastbert.BertModel, **tol)
+        assert got.last_hidden_state.isfinite().all()
+    assert all(key[:3] == (8, (), 128) for key in packed.captured)
+    assert any(key[3] < 8 * 128 for key in packed.captured), "no input ran packed"
+    ids, mask, types = random_inputs(6, 128, "cuda")
+    mask[:, 40:] = 0
+    a, b = packed(ids, mask, types), padded(ids, mask, types)
+    assert (8, (), 128, 256) in packed.captured  # 6 x 40 real tokens -> the 256-token bucket
+    real_close(a.last_hidden_state, b.last_hidden_state, mask, True, **tol)
+    assert (a.last_hidden_state[mask == 0] == 0).all()
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, **tol)
+
+
+@pytest.mark.gpu
+def test_packed_graph_of_cpu_inputs_and_of_a_missing_mask():
+    """Row lengths come from the host for a CPU mask or no mask (bucket padding only)."""
+    model = _gpu_model()
+    runner = CUDAGraphRunner(model, batch_sizes=(8,), seq_lens=(64,))
+    _check_against_eager(runner, model, 3, 50, ("last_hidden_state",), fastbert.BertModel, device="cpu")
+    ids = torch.randint(1, VOCAB, (3, 40), device="cuda")
+    got = runner(ids)
+    with torch.no_grad():
+        expected = model(ids)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert (8, (), 64, 128) in runner.captured  # 3 x 40 = 120 real tokens
 
 
 @pytest.mark.gpu
