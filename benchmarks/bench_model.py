@@ -3,7 +3,7 @@
 On a GPU: fastbert (unpadded, padded, and under ``torch.compile``) against Hugging Face
 eager and sdpa, ``torch.compile`` of HF sdpa (default and reduce-overhead), and PyTorch's
 native ``nn.TransformerEncoder`` fast path, at the BERT-base/large shapes of GPU.md, plus a
-bf16-autocast training step. On a CPU: fastbert against HF on the real all-MiniLM-L6-v2
+bf16-autocast training step and a short pre-training run (``bench_pretrain``). On a CPU: fastbert against HF on the real all-MiniLM-L6-v2
 checkpoint and real sentences. Every workload also checks that the outputs agree.
 
 Times: GPU medians from ``triton.testing.do_bench``; CPU medians of synchronous repeats.
@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
+from . import bench_pretrain
 from . import competitors as C
 from .common import Measurement, default_device, dtype_name, matmul_ceiling, synchronize, time_ms
 from .workloads import (CONFIGS, CPU_DEFAULT, GPU_DEFAULT, SENTENCES, WORKLOADS, Workload, model_flops,
@@ -72,7 +73,9 @@ def select(names: Optional[Sequence[str]], device: str, tiny_sizes: bool) -> Tup
 def impls_for(w: Workload, device: str, quick: bool, compile_: bool, wanted: Optional[Sequence[str]]) -> Tuple[List[str], List[str]]:
     """Competitors of a workload, eager ones first, and notes on those left out."""
     on_gpu = str(device).startswith("cuda")
-    if w.train:
+    if w.pretrain:
+        impls = list(C.PRETRAIN_IMPLS)
+    elif w.train:
         impls = list(C.TRAIN_IMPLS)
     else:
         impls = ["fastbert", "hf-eager", "hf-sdpa", "native"]
@@ -178,7 +181,14 @@ class _Workload:
                 "parity_ok": err <= 2 * hf_err + ATOL[self.dtype if not self.w.train else torch.bfloat16]}
 
 
-def measure(wl: _Workload, impl: str, timing_kw: Dict[str, float], ceilings: Dict[str, float]) -> Measurement:
+def measure(wl: _Workload, impl: str, timing_kw: Dict[str, float], ceilings: Dict[str, float],
+            quick: bool = False) -> Measurement:
+    if wl.w.pretrain:
+        m = bench_pretrain.measure(wl.w, impl, wl.device, quick, wl.cache)
+        ceiling = ceilings.get("bf16" if str(wl.device).startswith("cuda") else "fp32")
+        if ceiling:
+            m.extra["ceiling_frac"] = m.tflops / ceiling
+        return m
     family, mode = C.IMPLS[impl]
     model = wl.cache.get(wl.w, family, wl.dtype)
     extra: Dict[str, object] = {"workload": wl.w.key, "real_tokens": sum(wl.lengths), "gflop": wl.flops / 1e9}
@@ -268,7 +278,7 @@ def run_suite(quick: bool, dtype: torch.dtype, device: str, workloads: Optional[
         try:
             if w.key not in prepared:
                 prepared[w.key] = _Workload(w, device, dtype, cache, suite.notes)
-            m = measure(prepared[w.key], impl, tkw, suite.ceilings)
+            m = measure(prepared[w.key], impl, tkw, suite.ceilings, quick)
             suite.measurements.append(m)
         except Exception as exc:  # a competitor that fails is reported, never fatal
             suite.notes.append(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})")

@@ -39,6 +39,7 @@ COMPILED = [k for k, (_, mode) in IMPLS.items() if mode not in (None, "cudagraph
 # A training step compiled with CUDA graphs (cudagraph trees record forward and backward) is
 # what a user beats host overhead with; the compiled ones run on a GPU, as for inference.
 TRAIN_IMPLS = ["fastbert", "hf-sdpa", "hf-eager", "hf-sdpa+compile-ro", "fastbert+compile-ro"]
+PRETRAIN_IMPLS = ["fastbert", "hf-sdpa"]  # the same training loop around either model
 
 
 def minilm_path() -> Optional[str]:

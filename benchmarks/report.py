@@ -140,6 +140,9 @@ def model_rows(data) -> List[List[str]]:
             info.append(f"compiled in {e.get('first_call_s')} s: {e['graphs']} graph(s), {e.get('graph_breaks')} break(s)")
         elif e.get("first_call_s", 0) >= 1:
             info.append(f"first call {e['first_call_s']} s")
+        if "tokens_per_s" in e:
+            info.append(f"{e['tokens_per_s']:,.0f} real tokens/s over {e['steps_timed']} steps, "
+                        f"loss {e['loss_first']:.3f} -> {e['loss_last']:.3f}; no parity check (dropout on)")
         if "fast_path" in e:
             info.append(f"fast path {'used' if e['fast_path'] else 'NOT used'}, nested tensors {'yes' if e.get('nested_tensors') else 'no'}")
         rows.append([m["name"], m["case"], m["impl"], _fmt(m["ms"], ".3f"), _fmt(m["tflops"], ".3g"),

@@ -32,6 +32,7 @@ class Workload:
     seqlen: int                                # padded length; for "minilm", the longest sentence decides
     lengths: Optional[Tuple[int, int]] = None  # real lengths uniform in [lo, hi]; None: every row full
     train: bool = False                        # fwd+bwd of BertForPreTraining under bf16 autocast
+    pretrain: bool = False                     # a short pre-training run on a text corpus (bench_pretrain)
     gpu: bool = True                           # meaningful on a GPU only (BERT-size shapes)
     quick_compile: bool = False                # torch.compile competitors run here in --quick
 
@@ -47,6 +48,8 @@ WORKLOADS: Dict[str, Workload] = {w.key: w for w in (
     Workload("base-b32-s512-varlen", "BERT-base B=32 S=512 lengths 32..512", "base", 32, 512, lengths=(32, 512)),
     Workload("large-b8-s512", "BERT-large B=8 S=512", "large", 8, 512),
     Workload("train-base-b32-s128", "train BERT-base B=32 S=128 (bf16 autocast)", "base", 32, 128, train=True),
+    Workload("pretrain-base-b32-s128", "pre-training run BERT-base B=32 S=128", "base", 32, 128, train=True,
+             pretrain=True),
     Workload("minilm-b64", "MiniLM-L6 B=64 sentences", "minilm", 64, 0, gpu=False),
     Workload("minilm-b1", "MiniLM-L6 B=1 sentence", "minilm", 1, 0, gpu=False),
 )}

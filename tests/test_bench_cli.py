@@ -191,3 +191,31 @@ def test_time_limit_leaves_the_rest_named():
     expected = bench_model.count_pairs(True, "cpu", ["base-b1-s128", "train-base-b32-s128"], tiny_sizes=True, compile_=False)
     assert len(seen) == expected > 0 and all(m is None for m, _ in seen)
     assert sum("time limit" in n for n in suite.notes) == expected
+
+
+def test_pretrain_flops_match_the_step_formula():
+    """With every token masked and equal lengths, the run's FLOPs are the training step's."""
+    from fastbert.benchmarks.bench_pretrain import pretrain_flops
+    records = [{"tokens": 32 * 100, "sequences": 32, "masked": 32 * 100}] * 3
+    assert pretrain_flops(BASE, records) == pytest.approx(3 * model_flops(BASE, [100] * 32, train=True), rel=1e-12)
+    fewer = [{"tokens": 3200, "sequences": 32, "masked": 480}]
+    assert pretrain_flops(BASE, fewer) < pretrain_flops(BASE, records[:1])  # the vocabulary only on masked tokens
+
+
+def test_pretraining_run_of_both_models():
+    """The real loop, tiny: tokens/s and losses for fastbert and HF, from the same weights,
+    which the run does not change for the other workloads."""
+    from fastbert.benchmarks import bench_pretrain, competitors
+    w = tiny(WORKLOADS["pretrain-base-b32-s128"])
+    cache = competitors.ModelCache("cpu")
+    before = {k: v.clone() for k, v in cache.get(w, "fastbert", torch.float32).state_dict().items()}
+    runs = {impl: bench_pretrain.measure(w, impl, "cpu", True, cache) for impl in competitors.PRETRAIN_IMPLS}
+    for impl, m in runs.items():
+        e = m.extra
+        assert m.mode == "train" and m.ms > 0 and m.tflops > 0, impl
+        assert e["steps"] == 6 and e["steps_timed"] == 4 and e["tokens_per_s"] > 0
+        assert 0 < e["real_tokens_per_step"] <= w.batch * w.seqlen and 0 < e["masked_per_step"] < e["real_tokens_per_step"]
+        assert 0 < e["loss_last"] < 20 and e["loss_first"] == pytest.approx(runs["fastbert"].extra["loss_first"], rel=0.05)
+    assert runs["fastbert"].case == runs["hf-sdpa"].case  # the report pairs them for the speed-up
+    after = cache.get(w, "fastbert", torch.float32).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -153,8 +153,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = objective
+        # On a GPU the fused AdamW: a few multi-tensor kernels per step rather than one per tensor op.
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, args.weight_decay), lr=args.learning_rate,
-                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                           fused=self.device.type == "cuda" or None)
         self.scheduler = linear_schedule(self.optimizer, args.warmup_steps, args.max_steps)
         self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                           seed=args.seed, drop_last=False)
@@ -192,8 +194,9 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------
     def _train_step(self, micro: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
-        counts = torch.tensor([float(sum(int((m["labels"] != -100).sum()) for m in micro)),
-                               float(sum(len(m["next_sentence_label"]) for m in micro))], device=self.device)
+        local = torch.tensor([float(sum(int((m["labels"] != -100).sum()) for m in micro)),
+                              float(sum(len(m["next_sentence_label"]) for m in micro))], device=self.device)
+        counts = local.clone()  # masked tokens and sequences of the whole step
         if self.world_size > 1:
             dist.all_reduce(counts)
         # DDP averages gradients over processes; scaling by the world size makes the result
@@ -216,12 +219,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return logged
+        return torch.cat([logged, local])
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, resume_from: Optional[str] = None) -> List[Dict]:
         """Train up to ``args.max_steps``; returns the per-step log (loss, mlm_loss,
-        nsp_loss, lr, tokens), continued from the checkpoint when resuming."""
+        nsp_loss, lr, and the step's real tokens, masked tokens and sequences over all
+        processes), continued from the checkpoint when resuming."""
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         args = self.args
@@ -263,8 +267,9 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(values)
         records = []
-        for (step, lr, _), (mlm, nsp, tokens) in zip(pending, values.tolist()):
-            records.append(dict(step=step, loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp, lr=lr, tokens=int(tokens)))
+        for (step, lr, _), (mlm, nsp, tokens, masked, sequences) in zip(pending, values.tolist()):
+            records.append(dict(step=step, loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp, lr=lr, tokens=int(tokens),
+                                masked=int(masked), sequences=int(sequences)))
         self.history.extend(records)
         return records
 
