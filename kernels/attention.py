@@ -35,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastbert import reference
 from fastbert.backend import triton_interpreted
 
-from ._direct import backward_impl, cdiv, next_pow2, register_autograd
+from ._direct import backward_impl, cdiv, launch, next_pow2, register_autograd
 from .attention_bwd import _dropout_keep, _seq_bounds, fit_stages, launch_backward, max_shared_mem, strides4
 
 MAX_HEAD_DIM = 256
@@ -217,7 +217,7 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
     cfg = fwd_config(q.device, q.dtype, block_d, block_dv, bool(seqlen_q <= 64))
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
-    wrap_triton(_attn_fwd)[(cdiv(seqlen_q, cfg.block_m), batch * heads)](
+    launch(_attn_fwd, (cdiv(seqlen_q, cfg.block_m), batch * heads),
         q, k, v, out, lse, mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(out, packed)[:3],
         *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
@@ -234,7 +234,7 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
 
 def _tracing_interpreted(t: torch.Tensor) -> bool:
     """Fake tensors reach the launchers under the interpreter only when the op's fake
-    implementation runs; wrap_triton does not intercept interpreted kernels, so skip them."""
+    implementation runs; an interpreted kernel cannot run on them, so skip them."""
     return triton_interpreted() and is_fake(t)
 
 

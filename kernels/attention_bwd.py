@@ -22,11 +22,10 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from fastbert.backend import triton_interpreted
 
-from ._direct import cdiv, next_pow2
+from ._direct import cdiv, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -277,7 +276,7 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
     block = 64 if block_dv <= 128 else 32
     if rows > 0:
-        wrap_triton(_attn_bwd_delta)[(cdiv(rows, block), heads, delta_batch)](
+        launch(_attn_bwd_delta, (cdiv(rows, block), heads, delta_batch),
             out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
             rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
 
@@ -285,7 +284,7 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     programs = max(cdiv(seqlen_k, cfg.block_n1), cdiv(seqlen_q, cfg.block_m2))
-    wrap_triton(_attn_bwd)[(programs, batch * heads)](
+    launch(_attn_bwd, (programs, batch * heads),
         q, k, v, do, dq, dk, dv, lse, delta,
         mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(do, packed),

@@ -24,11 +24,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._direct import backward_impl, cdiv, next_pow2, register_autograd
+from ._direct import backward_impl, cdiv, interpreted, launch, next_pow2, register_autograd
 from ._dropout import check_dropout, draw_seed, keep_mask
 
 MAX_N = 16384  # one row is normalised inside one program's registers
@@ -213,7 +212,7 @@ def sum_partials(part: torch.Tensor, outs) -> None:
     k, g, n = part.shape
     outs = list(outs) + [outs[0]] * (3 - len(outs))
     block_n = 64 if n >= 2048 else 32
-    if _interpreted(_sum_partials):  # the interpreter pays per program, not per element
+    if interpreted(_sum_partials):  # the interpreter pays per program, not per element
         block_n = min(next_pow2(n), 1024)
     launch(_sum_partials, (cdiv(n, block_n), k),
            part, outs[0], outs[1], outs[2], g, n, BLOCK_G=64, BLOCK_N=block_n, num_warps=4)
@@ -243,23 +242,6 @@ def _rows(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
     return t.contiguous().view(m, n)
 
 
-def _interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-def launch(kernel, grid, *args, **meta) -> None:
-    """``wrap_triton(kernel)[grid](*args, **meta)``. Under TRITON_INTERPRET the kernel is a
-    plain Python function that cannot run on fake tensors; there (shape propagation for
-    torch.compile and opcheck) only the outputs' shapes matter, so the launch is skipped."""
-    if _interpreted(kernel) and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-        return
-    wrap_triton(kernel)[grid](*args, **meta)
-
-
 def _opaque(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
@@ -270,7 +252,7 @@ def fastbert_op(name: str, kernel):
     compiled graphs (it runs, interpreted, when the graph runs)."""
     def register(fn):
         op = triton_op(name, mutates_args=())(fn)
-        if _interpreted(kernel):
+        if interpreted(kernel):
             op.register_torch_dispatch(FunctionalTensorMode, _opaque)
         op.body = fn  # called directly by eager calls (kernels/_direct.py)
         return op

@@ -161,3 +161,42 @@ def test_eager_calls_skip_the_custom_op_layer_and_compile_sees_the_ops():
         traced = "\n".join(graphs)
         for op in ("add_layernorm_fwd", "bias_gelu_fwd", "softmax_mask_fwd", "attention_fwd"):
             assert f"fastbert.{op}" in traced, traced
+
+
+def test_eager_launches_skip_wrap_triton(monkeypatch):
+    """Eager calls launch each Triton kernel directly: wrap_triton's eager path (a higher-order
+    op and a side-table entry per launch) costs hundreds of µs per launch. While a dispatch
+    mode is active (tracing for torch.compile) the launch goes through wrap_triton."""
+    import torch.library
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastbert import functional as fb
+    from fastbert.kernels._direct import launch
+
+    seen = []
+    real = torch.library.wrap_triton
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: (seen.append(kernel), real(kernel))[1])
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    r, w, b = torch.randn(3, 5, 16), torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    q = torch.randn(2, 7, 2, 16, requires_grad=True)
+    with fastbert.use_backend("triton"):
+        h = fb.bias_gelu(fb.add_layernorm(x, r, w, b, 1e-12), b)
+        (fb.softmax_mask(h, None, 0.5).sum() + fb.attention(q, q, q).sum()).backward()
+    assert seen == [], [k.__name__ for k in seen]  # forward and backward: no wrap_triton
+    assert x.grad is not None and q.grad is not None
+
+    class Kernel:  # records how it was launched
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((grid, args, meta))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    kernel, launched = Kernel(), []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: (seen.append(k), k)[1])
+    launch(kernel, (3, 1), 7, BLOCK=16)
+    assert seen == [] and launched == [((3, 1), (7,), {"BLOCK": 16})]
+    with Mode():
+        launch(kernel, (2,), 8)
+    assert seen == [kernel] and launched[-1] == ((2,), (8,), {})
