@@ -10,8 +10,12 @@ the op, 46 µs through this module; the C++ embedding op 135 µs -> 56 µs.
 
 :func:`register_autograd` registers the backward on the op and returns ``call``: the op while
 torch.compile traces or a dispatch mode is active, otherwise an ``autograd.Function`` that
-runs the op's own body with the same ``setup_context`` and ``backward``. The backward picks the
-backward op's body the same way (:func:`backward_impl`). Both paths run the same launches.
+runs the op's own body with the same ``setup_context`` and ``backward``, or, when no input
+needs a gradient (inference), the body alone. The backward picks the backward op's body the
+same way (:func:`backward_impl`). Every path runs the same launches. Host time of one
+inference call (no grad, 4096×768, same host, Triton's launch stubbed out): add_layernorm
+50 µs through the autograd.Function, 20 µs through the body alone; bias_gelu 26 -> 14 µs;
+attention 39 -> 22 µs.
 
 :func:`launch` starts a Triton kernel from an op's body: through ``wrap_triton`` while
 torch.compile traces or a dispatch mode is active, so that they record the launch, and
@@ -58,7 +62,9 @@ def register_autograd(op, backward: Callable, setup_context: Callable, body: Opt
         # counters, debug modes), which expect to see the op.
         if _traced():
             return op(*args)
-        return Direct.apply(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return Direct.apply(*args)
+        return body(*args)  # nothing to differentiate (inference): no autograd node to build
 
     return call
 
