@@ -30,6 +30,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # no Triton: only the C++ ops use this module
+    InterpretedFunction = ()
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable, body: Optional[Callable] = None) -> Callable:
@@ -83,9 +90,6 @@ def launch(kernel, grid, *args, **meta) -> None:
     if not _traced():
         kernel[grid](*args, **meta)
         return
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.library import wrap_triton
-
     if interpreted(kernel) and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
     wrap_triton(kernel)[grid](*args, **meta)
@@ -93,10 +97,6 @@ def launch(kernel, grid, *args, **meta) -> None:
 
 def interpreted(kernel) -> bool:
     """The kernel runs under TRITON_INTERPRET (a Python function, not a compiled one)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
     return isinstance(kernel, InterpretedFunction)
 
 

@@ -167,15 +167,15 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
     """Eager calls launch each Triton kernel directly: wrap_triton's eager path (a higher-order
     op and a side-table entry per launch) costs hundreds of µs per launch. While a dispatch
     mode is active (tracing for torch.compile) the launch goes through wrap_triton."""
-    import torch.library
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastbert import functional as fb
+    from fastbert.kernels import _direct
     from fastbert.kernels._direct import launch
 
     seen = []
-    real = torch.library.wrap_triton
-    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: (seen.append(kernel), real(kernel))[1])
+    real = _direct.wrap_triton
+    monkeypatch.setattr(_direct, "wrap_triton", lambda kernel: (seen.append(kernel), real(kernel))[1])
     x = torch.randn(3, 5, 16, requires_grad=True)
     r, w, b = torch.randn(3, 5, 16), torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
     q = torch.randn(2, 7, 2, 16, requires_grad=True)
@@ -194,7 +194,7 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     kernel, launched = Kernel(), []
-    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: (seen.append(k), k)[1])
+    monkeypatch.setattr(_direct, "wrap_triton", lambda k: (seen.append(k), k)[1])
     launch(kernel, (3, 1), 7, BLOCK=16)
     assert seen == [] and launched == [((3, 1), (7,), {"BLOCK": 16})]
     with Mode():
