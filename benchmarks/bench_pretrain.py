@@ -37,7 +37,7 @@ def schedule(quick: bool, on_gpu: bool) -> Dict[str, int]:
     """Steps per logging window and windows run (the first is warm-up)."""
     if not on_gpu:
         return {"window": 2, "windows": 3}
-    return {"window": 10, "windows": 3 if quick else 6}
+    return {"window": 10, "windows": 2 if quick else 6}
 
 
 def pretrain_flops(cfg: Dict[str, int], records: List[Dict]) -> float:
