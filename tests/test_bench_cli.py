@@ -219,3 +219,19 @@ def test_pretraining_run_of_both_models():
     assert runs["fastbert"].case == runs["hf-sdpa"].case  # the report pairs them for the speed-up
     after = cache.get(w, "fastbert", torch.float32).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tune_script_runs_every_case(tmp_path, capsys):
+    """The launch-config sweep at toy sizes (interpreter): every candidate runs, agrees with
+    the reference, and the shipped config is among those timed."""
+    from fastbert.benchmarks import tune
+    assert tune.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    cases = {(r["op"], r["shape"]) for r in rows}
+    assert {op for op, _ in cases} == {"attention fwd", "attention bwd", "bias_gelu fwd", "add_layernorm fwd",
+                                       "softmax_mask fwd"}
+    assert all("error" not in r and r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows), rows
+    for case in cases:
+        assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case
+    assert "* = the shipped config" in capsys.readouterr().out

@@ -1,0 +1,266 @@
+"""Launch-configuration sweeps for the Triton kernels: one GPU call times every candidate
+block shape of every kernel at its BERT shape, checks each result against the eager
+reference, and prints one table per case with the shipped choice marked.
+
+    python -m fastbert.benchmarks.tune                      # all kernels, on the GPU
+    python -m fastbert.benchmarks.tune --ops attention --out DIR
+
+Each candidate replaces the kernel module's config function for the duration of its
+timing (``fwd_config``/``bwd_config`` of the attention, ``_tile`` of bias_gelu,
+``row_config`` of softmax_mask and add_layernorm), so the timed path is the op's own. Times
+are ``do_bench_cudagraph`` medians (kernel time, no host cost); a candidate that fails to
+compile or run is listed with its error. Errors are ‖out − ref‖ / ‖ref‖ against the eager
+reference in fp32. ``--tiny`` runs toy shapes and two candidates per case (a check of this
+script on a CPU, under the Triton interpreter; its times mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import astuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastbert import functional as fb
+from fastbert import reference
+
+from .common import default_device, time_ms, triton_backend
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+            (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)]
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)
+ATTN_BWD = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
+            (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2)]
+# Row kernels: elements per program and warps; BLOCK_N is the row (bias_gelu: at most 1024 columns).
+ROW_TILES = [1024, 2048, 4096, 8192, 16384]
+ROW_WARPS = [2, 4, 8, 16]
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ over a tensor or a tuple of them."""
+    if isinstance(out, (tuple, list)):
+        out, ref = torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in ref])
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class Case:
+    """One kernel at one shape: ``run()`` under the current config, its reference output,
+    the candidates as (label, module, attribute, replacement), and the shipped config's label."""
+
+    def __init__(self, op: str, shape: str, run: Callable[[], object], ref,
+                 candidates: List[Tuple[str, object, str, Callable]], shipped: str):
+        if shipped not in [c[0] for c in candidates]:  # always time what ships: the module's own function
+            module, name = candidates[0][1], candidates[0][2]
+            candidates = [(shipped, module, name, getattr(module, name))] + candidates
+        self.op, self.shape, self.run, self.ref, self.candidates, self.shipped = op, shape, run, ref, candidates, shipped
+
+
+def _attention_inputs(device, dtype, tiny: bool):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    b, s, h, d = (2, 24, 2, 16) if tiny else (8, 512, 12, 64)
+    q, k, v = t(b, s, h, d), t(b, s, h, d), t(b, s, h, d)
+    b2, s2 = (3, 16) if tiny else (32, 128)
+    q2 = t(b2, s2, q.shape[2], q.shape[3])
+    lengths = torch.randint(1, s2 + 1, (b2,), generator=g)
+    lengths[0] = s2
+    mask = (torch.arange(s2)[None] < lengths[:, None]).to(device)
+    lo, hi, n = (3, 24, 3) if tiny else (32, 512, 32)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g)
+    cu = torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(device, torch.int32)
+    qp = t(int(lens.sum()), q.shape[2], q.shape[3])
+    return (q, k, v), (q2, mask), (qp, cu, int(lens.max()))
+
+
+def attention_cases(device, dtype, tiny: bool) -> List[Case]:
+    from fastbert.kernels import attention, attention_bwd
+    (q, k, v), (q2, mask), (qp, cu, longest) = _attention_inputs(device, dtype, tiny)
+    fwd = ATTN_FWD[:2] if tiny else ATTN_FWD
+    bwd = ATTN_BWD[:2] if tiny else ATTN_BWD
+
+    def fwd_candidates():
+        return [("BM={} BN={} w={} s={}".format(*c), attention, "fwd_config",
+                 lambda *a, c=c: attention.FwdConfig(*c)) for c in fwd]
+
+    def shipped_fwd(t, short):
+        d = max(16, 1 << (t.shape[-1] - 1).bit_length())
+        return "BM={} BN={} w={} s={}".format(*astuple(attention.fwd_config(t.device, t.dtype, d, d, short)))
+
+    cases = []
+    with torch.no_grad():
+        for shape, run, ref_fn, short in (
+            (f"B={q.shape[0]} S={q.shape[1]} no mask", lambda: fb.attention(q, k, v),
+             lambda: reference.attention(q.float(), k.float(), v.float()), q.shape[1] <= 64),
+            (f"B={q2.shape[0]} S={q2.shape[1]} padding mask", lambda: fb.attention(q2, q2, q2, mask),
+             lambda: reference.attention(q2.float(), q2.float(), q2.float(), mask), q2.shape[1] <= 64),
+            (f"packed {cu.numel() - 1} sequences, T={qp.shape[0]}", lambda: fb.attention(qp, qp, qp, cu_seqlens=cu, max_seqlen=longest),
+             lambda: reference.attention(qp.float(), qp.float(), qp.float(), cu_seqlens=cu), longest <= 64),
+        ):
+            cases.append(Case("attention fwd", shape, triton_backend(run), ref_fn(), fwd_candidates(),
+                              shipped_fwd(q, short)))
+    # The backward's two kernels alone (delta pre-pass and dQ/dK/dV), from a saved forward.
+    scale = q.shape[-1] ** -0.5
+    grad_out = torch.randn_like(q)
+    with torch.no_grad():
+        out, lse = attention._launch_forward(q, k, v, None, None, None, 0, scale, 0.0)
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(reference.attention(*ref_leaves), ref_leaves, grad_out.float())
+
+    def bwd_only():
+        return attention_bwd.launch_backward(grad_out, q, k, v, out, lse, None, None, None, 0, scale, 0.0)
+    d = max(16, 1 << (q.shape[-1] - 1).bit_length())
+    shipped = "m1={} n1={} m2={} n2={} w={} s={}".format(*astuple(attention_bwd.bwd_config(q.device, q.dtype, d, d)))
+    cases.append(Case("attention bwd", f"B={q.shape[0]} S={q.shape[1]} no mask", bwd_only, ref,
+                      [("m1={} n1={} m2={} n2={} w={} s={}".format(*c), attention_bwd, "bwd_config",
+                        lambda *a, c=c: attention_bwd.BwdConfig(*c)) for c in bwd], shipped))
+    return cases
+
+
+def _row_candidates(n: int, module, name: str, tiny: bool, max_n: Optional[int] = None):
+    block_n = 1 << max(n - 1, 0).bit_length()
+    if max_n:
+        block_n = min(block_n, max_n)
+    out = []
+    for tile in (ROW_TILES[1:3] if tiny else ROW_TILES):
+        for warps in ((4,) if tiny else ROW_WARPS):
+            block_m = max(1, tile // block_n)
+            if block_m * block_n < warps * 32 * 4 and not tiny:  # fewer than 4 elements per thread
+                continue
+            out.append((f"BM={block_m} BN={block_n} w={warps}", module, name,
+                        lambda *a, c=(block_m, block_n, warps), **k: c))
+    return out
+
+
+def row_cases(device, dtype, tiny: bool) -> List[Case]:
+    from fastbert.kernels import gelu, layernorm, softmax
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    cases = []
+    with torch.no_grad():
+        m, n = (64, 96) if tiny else (4096, 3072)
+        x, b = t(m, n), t(n)
+        cases.append(Case("bias_gelu fwd", f"{m}x{n}", triton_backend(lambda x=x, b=b: fb.bias_gelu(x, b)),
+                          reference.bias_gelu(x.float(), b.float()), _row_candidates(n, gelu, "_tile", tiny, 1024),
+                          "BM={} BN={} w={}".format(*gelu._tile(n, x.device, 4096))))
+        m, n = (64, 48) if tiny else (4096, 768)
+        x, r, w, bb, xb = t(m, n), t(m, n), t(n), t(n), t(n)
+        cases.append(Case("add_layernorm fwd", f"{m}x{n}",
+                          triton_backend(lambda x=x, r=r, w=w, bb=bb, xb=xb: fb.add_layernorm(x, r, w, bb, 1e-12, x_bias=xb)),
+                          reference.add_layernorm(x.float(), r.float(), w.float(), bb.float(), 1e-12, xb.float()),
+                          _row_candidates(n, layernorm, "row_config", tiny),
+                          "BM={} BN={} w={}".format(*layernorm.row_config(n, x.device))))
+        shape = (2, 2, 8, 16) if tiny else (32, 12, 128, 128)
+        s = t(*shape)
+        keep = torch.rand(shape[0], 1, 1, shape[-1], generator=g) < 0.8
+        keep[..., 0] = True
+        mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(dtype).min).to(device, dtype)
+        cases.append(Case("softmax_mask fwd", "x".join(map(str, shape)) + " padding mask",
+                          triton_backend(lambda: fb.softmax_mask(s, mask, 0.125)),
+                          reference.softmax_mask(s.float(), mask.float(), 0.125),
+                          _row_candidates(shape[-1], softmax, "row_config", tiny),
+                          "BM={} BN={} w={}".format(*softmax.row_config(shape[-1], s.device))))
+    return cases
+
+
+def measure(case: Case, device: str, tiny: bool) -> List[Dict[str, object]]:
+    rows = []
+    for label, module, name, value in case.candidates:
+        row: Dict[str, object] = {"op": case.op, "shape": case.shape, "config": label, "shipped": label == case.shipped}
+        try:
+            with patched(module, name, value):
+                with torch.no_grad():
+                    out = case.run()
+                    row["rel_err"] = rel_err(out, case.ref)
+                    if str(device).startswith("cuda"):
+                        import triton.testing
+                        row["us"] = 1e3 * float(triton.testing.do_bench_cudagraph(case.run, rep=30 if tiny else 100,
+                                                                                    return_mode="median"))
+                    else:
+                        row["us"] = 1e3 * time_ms(case.run, device, rep_ms=1)
+        except Exception as exc:  # a config that does not compile or run is a result too
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            if str(device).startswith("cuda"):
+                from .common import _end_failed_capture
+                _end_failed_capture(device)
+        rows.append(row)
+    return rows
+
+
+def table(rows: Sequence[Dict[str, object]]) -> str:
+    lines = []
+    for key in dict.fromkeys((r["op"], r["shape"]) for r in rows):
+        group = [r for r in rows if (r["op"], r["shape"]) == key]
+        group.sort(key=lambda r: r.get("us", float("inf")))
+        lines.append(f"{key[0]}, {key[1]}:")
+        for r in group:
+            mark = "*" if r["shipped"] else " "
+            if "error" in r:
+                lines.append(f"  {mark} {r['config']:34s} failed: {r['error']}")
+            else:
+                lines.append(f"  {mark} {r['config']:34s} {r['us']:9.2f} us   rel err {r['rel_err']:.1e}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastbert.benchmarks.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default="attention,rows", help="comma list of attention, rows (default both)")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    p.add_argument("--out", default=None, help="folder for tune-<date>.json")
+    p.add_argument("--tiny", action="store_true", help="toy shapes, two candidates per case (checks the script)")
+    args = p.parse_args(argv)
+    device = default_device()
+    if not device.startswith("cuda") and not args.tiny:
+        print("tune: needs a CUDA GPU (--tiny checks the script on a CPU)", file=sys.stderr)
+        return 2
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if not device.startswith("cuda"):
+        dtype = torch.float32
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    builders = {"attention": attention_cases, "rows": row_cases}
+    unknown = [o for o in ops if o not in builders]
+    if unknown:
+        print(f"tune: unknown --ops {', '.join(unknown)}; choose from {', '.join(builders)}", file=sys.stderr)
+        return 2
+    rows: List[Dict[str, object]] = []
+    start = time.time()
+    for op in ops:
+        for case in builders[op](device, dtype, args.tiny):
+            rows += measure(case, device, args.tiny)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (interpreter)"
+    print(f"# {name}, {args.dtype if device.startswith('cuda') else 'fp32'}, {time.time() - start:.0f} s; "
+          "* = the shipped config\n" + table(rows))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"tune-{time.strftime('%Y-%m-%d')}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
