@@ -90,12 +90,16 @@ class PreTrainingObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label):
+    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, masked=None):
+        """``masked``: the flat indices of the labelled tokens, when the caller has them (the
+        trainer computes them on the host, which spares the device a boolean-mask sync)."""
         out = self.model.bert(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                               return_dict=True)
-        chosen = labels != -100
-        logits = self.model.cls.predictions(out.last_hidden_state[chosen])
-        mlm = F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
+        if masked is None:
+            masked = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, masked)
+        logits = self.model.cls.predictions(hidden)
+        mlm = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, masked), reduction="sum")
         relationship = self.model.cls.seq_relationship(out.pooler_output)
         nsp = F.cross_entropy(relationship.float(), next_sentence_label, reduction="sum")
         return mlm, nsp
@@ -204,13 +208,14 @@ class Trainer:
         scale = self.world_size / counts.clamp(min=1)
         logged = torch.zeros(3, device=self.device)
         for k, batch in enumerate(micro):
+            batch = dict(batch, masked=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))  # on the host
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = k == len(micro) - 1
             sync = self.objective.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     mlm, nsp = self.objective(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                              batch["labels"], batch["next_sentence_label"])
+                                              batch["labels"], batch["next_sentence_label"], batch["masked"])
                 (mlm * scale[0] + nsp * scale[1]).backward()
             logged += torch.stack([mlm.detach() / counts[0].clamp(min=1), nsp.detach() / counts[1].clamp(min=1),
                                    batch["attention_mask"].sum().float()])
