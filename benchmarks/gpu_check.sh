@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
-# extension for sm_90), the GPU tests, compute-sanitizer on the CUDA embedding op, the
-# quick benchmark, and the rest of the test suite on the GPU with whatever time is left.
+# extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
+# GPU tests, the launch-config sweep (benchmarks/tune.py), and the rest of the test suite on
+# the GPU, each with whatever time is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Everything lands directly in $OUT (at most 7 files): summary.txt, install.log (the build and
-# compute-sanitizer), tests.log, bench.log and the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png}.
+# Everything lands directly in $OUT (at most 8 files, the most a device call brings back):
+# summary.txt, install.log (the build and compute-sanitizer), tests.log, bench.log (with the
+# sweep's log), the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png} and tune-<date>.json.
 # The benchmark runs before the test suites so that its numbers come back whatever the tests do;
 # the tests run under pytest-xdist where it is installed (a crashing test then costs one worker,
 # not the run) with a per-test timeout, and end with one line per failure.
@@ -121,11 +123,20 @@ else
 fi
 rm -f "$SNIPPET"
 
-# 4. The GPU tests (BERT shapes, every dtype), then the rest of the suite on the GPU machine.
+# 4. The GPU tests (BERT shapes, every dtype); the rest of the suite on the GPU machine last.
 XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --timeout 150" || echo "--maxfail=10")
 PYTEST="$PY -m pytest tests -q -rfE --tb=short -p no:cacheprovider $XDIST"
 step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 5. The launch-config sweep with what time is left before the rest of the suite (its log goes
+#    to bench.log and its table to the summary; tune-<date>.json is the eighth file back).
+TUNE_LEFT=$((TOTAL - SECONDS - 30))
+if [ "$TUNE_LEFT" -ge 45 ]; then
+    TUNE_CAP=$((TUNE_LEFT < 180 ? TUNE_LEFT : 180))
+    step "tune" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune --out "$OUT" --max-seconds $((TUNE_CAP - 30))
+    sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
+fi
 step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PYTEST -m "not gpu"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 

@@ -186,10 +186,14 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
     return cases
 
 
-def measure(case: Case, device: str, tiny: bool) -> List[Dict[str, object]]:
+def measure(case: Case, device: str, tiny: bool, deadline: Optional[float] = None) -> List[Dict[str, object]]:
     rows = []
     for label, module, name, value in case.candidates:
         row: Dict[str, object] = {"op": case.op, "shape": case.shape, "config": label, "shipped": label == case.shipped}
+        if deadline is not None and time.monotonic() > deadline:
+            row["error"] = "not run (time limit)"
+            rows.append(row)
+            continue
         try:
             with patched(module, name, value):
                 with torch.no_grad():
@@ -231,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--out", default=None, help="folder for tune-<date>.json")
     p.add_argument("--tiny", action="store_true", help="toy shapes, two candidates per case (checks the script)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no candidate after this long; the table lists the rest as not run")
     args = p.parse_args(argv)
     device = default_device()
     if not device.startswith("cuda") and not args.tiny:
@@ -247,9 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rows: List[Dict[str, object]] = []
     start = time.time()
+    deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
     for op in ops:
         for case in builders[op](device, dtype, args.tiny):
-            rows += measure(case, device, args.tiny)
+            rows += measure(case, device, args.tiny, deadline)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (interpreter)"
     print(f"# {name}, {args.dtype if device.startswith('cuda') else 'fp32'}, {time.time() - start:.0f} s; "
           "* = the shipped config\n" + table(rows))
