@@ -223,7 +223,8 @@ def table(rows: Sequence[Dict[str, object]]) -> str:
         for r in group:
             mark = "*" if r["shipped"] else " "
             if "error" in r:
-                lines.append(f"  {mark} {r['config']:34s} failed: {r['error']}")
+                why = r["error"] if r["error"].startswith("not run") else "failed: " + r["error"]
+                lines.append(f"  {mark} {r['config']:34s} {why}")
             else:
                 lines.append(f"  {mark} {r['config']:34s} {r['us']:9.2f} us   rel err {r['rel_err']:.1e}")
     return "\n".join(lines)
