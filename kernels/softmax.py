@@ -70,7 +70,7 @@ def _softmax_mask_fwd(
     e = tl.exp(s - mx[:, None])
     den = tl.sum(e, axis=1)
     safe = tl.where(den > 0.0, den, 1.0)  # e is all zeros where den is
-    y = e / safe[:, None]
+    y = e * (1.0 / safe)[:, None]  # one reciprocal per row, not a divide per element
     if DROPOUT:
         keep = keep_mask(tl.load(SEED), rows[:, None] * N + cols[None, :], p)
         y = tl.where(keep, y * drop_scale, 0.0)
