@@ -235,3 +235,18 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
     for case in cases:
         assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case
     assert "* = the shipped config" in capsys.readouterr().out
+
+
+def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
+    """Compiled for sm_90 without a GPU: the row kernels load and store 16 bytes per access at
+    their BERT configs, and the attention's products are warpgroup MMAs (HGMMA)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastbert.benchmarks.sass"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 2 and "cannot compile for sm_90" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
+    for name in ("add_layernorm fwd 4096x768", "bias_gelu fwd 4096x3072", "softmax_mask fwd 32x12x128x128"):
+        assert "LDG.E.128" in rows[name] and "STG.E.128" in rows[name], rows[name]
+    assert "HGMMA" in rows["attention fwd D=64 (BM=128 BN=64)"], rows
