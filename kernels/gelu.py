@@ -37,6 +37,43 @@ def _tanh(u):
 
 
 @triton.jit
+def _normal_cdf(h):
+    """Φ(h) = 0.5·erfc(−h/√2) in fp32, from two fixed polynomials. With x = h/√2: for |x| < 1,
+    erf(x) = x·A(x²) (A: degree 5, fit to erf(x)/x on [0, 1]); for |x| ≥ 1, erfc(|x|) = 2^B(|x|)
+    (B: degree 8, fit to log2 erfc on [1, 4]; erfc(4) = 1.5e-8, taken as 0 beyond). The
+    halves of Φ are folded into the coefficients (A / 2, and B − 1). Both polynomials are
+    evaluated and one result selected: libdevice's erff instead loads the coefficients of the
+    polynomial it picks per element, a third of this kernel's instructions (sm_90 SASS of the
+    forward at 4096×3072: 40 → 32 instructions per element). The tail comes from erfc
+    directly, so Φ keeps its relative accuracy for very negative h, where 0.5·(1 + erf)
+    cancels. Against fp64 over h in [−12, 12], h·Φ(h) in fp32 is within 3.9e-7 absolute,
+    1.5e-6 relative where |h·Φ| > 1e-3 (PyTorch's fp32 GELU: 2.2e-4), and 2.6e-6 relative
+    for h in (−5.6, −1) (PyTorch's: 1.0)."""
+    x = h * _SQRT_HALF
+    ax = tl.abs(x)
+    u = x * x
+    a = -0.00028158232453279197  # A / 2
+    a = a * u + 0.0024588063824921846
+    a = a * u + -0.013355685397982597
+    a = a * u + 0.05640091374516487
+    a = a * u + -0.1880616396665573
+    a = a * u + 0.5641895532608032
+    t = tl.minimum(ax, 4.0)  # B is only used on [1, 4); the clamp keeps it finite for any input
+    b = 2.3080588107404765e-06  # B − 1: 2^(B − 1) = erfc / 2
+    b = b * t + -6.535147986141965e-05
+    b = b * t + 0.0008514844230376184
+    b = b * t + -0.006820617709308863
+    b = b * t + 0.037982601672410965
+    b = b * t + -0.15856623649597168
+    b = b * t + -0.9118026494979858
+    b = b * t + -1.6304181814193726
+    b = b * t + -0.9995801448822021
+    half_tail = tl.where(ax < 4.0, tl.exp2(b), 0.0)  # erfc(|x|) / 2
+    big = tl.where(x > 0.0, 1.0 - half_tail, half_tail)
+    return tl.where(ax < 1.0, x * a + 0.5, big)
+
+
+@triton.jit
 def _gelu_and_grad(h, TANH: tl.constexpr, WANT_GRAD: tl.constexpr):
     """gelu(h), and gelu'(h) when WANT_GRAD (else 0), for fp32 h."""
     if TANH:
@@ -46,7 +83,7 @@ def _gelu_and_grad(h, TANH: tl.constexpr, WANT_GRAD: tl.constexpr):
         if WANT_GRAD:
             dy = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * h * h)
     else:
-        cdf = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF))
+        cdf = _normal_cdf(h)
         y = h * cdf
         dy = 0.0
         if WANT_GRAD:

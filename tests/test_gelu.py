@@ -68,6 +68,27 @@ def test_large_inputs_do_not_overflow():
             torch.testing.assert_close(dx, rdx, atol=1e-3, rtol=1e-3)
 
 
+def test_exact_gelu_accuracy_over_its_whole_range():
+    """The kernel's Φ (two fixed polynomials, kernels/gelu.py) on a dense fp32 grid over
+    [-12, 12] against fp64: within 1e-6·|h| + 1e-7 everywhere, and within 1e-5 relative down
+    the negative tail to h = -5.6, where the 0.5·(1 + erf) form that PyTorch evaluates in fp32
+    cancels (below, |gelu(h)| < 5e-8 and the kernel gives 0)."""
+    h = torch.linspace(-12.0, 12.0, 240_001, device=DEVICE)
+    h = torch.cat([h, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.9999999, 1.0000001, -0.9999999, -1.0000001,
+                                    1.4142134, -1.4142134, 5.6568537, -5.6568537], device=DEVICE)])
+    zero = torch.zeros(1, device=DEVICE)
+    with fastbert.use_backend("triton"):
+        got = fb.bias_gelu(h[:, None], zero).flatten().double()
+    ref = torch.nn.functional.gelu(h.double())
+    err = (got - ref).abs()
+    assert (err <= 1e-6 * h.double().abs() + 1e-7).all(), f"max error {err.max():.3g} at h={h[err.argmax()]:.7g}"
+    tail = (h < -1.0) & (h > -5.6)
+    rel = err[tail] / ref[tail].abs()
+    assert rel.max() < 1e-5, f"relative error {rel.max():.3g} at h={h[tail][rel.argmax()]:.7g}"
+    torch_fp32 = torch.nn.functional.gelu(h).double()  # the cancelling form, for contrast
+    assert ((torch_fp32 - ref).abs()[tail] / ref[tail].abs()).max() > 10 * rel.max()
+
+
 def test_non_contiguous_input_and_broadcast_gradient():
     x = randn(96, 13).t().requires_grad_()  # (13, 96), transposed
     b = randn(192)[::2].requires_grad_()
