@@ -208,9 +208,9 @@ class CUDAGraphRunner:
 
     Outputs at real positions equal the eager model's. Padded positions (mask 0) hold zeros
     after a packed graph, as in eager fastbert; after a padded graph they hold values
-    computed as Hugging Face computes them. A graph reads the parameters where they were at capture and keeps its
-    own copy of the fused QKV weight: after changing the weights or the fastbert backend,
-    call :meth:`reset`.
+    computed as Hugging Face computes them. A graph reads the parameters where they were at
+    capture and keeps its own copy of the fused QKV weight: after changing the weights or the
+    fastbert backend, call :meth:`reset`.
     """
 
     def __init__(self, model: nn.Module, batch_sizes: Sequence[int] = (1, 8, 32),

@@ -387,7 +387,7 @@ class BertModel(BertPreTrainedModel):
             if attention_mask.dim() == 3 or not additive.is_floating_point():
                 additive = _keep_to_additive(additive, dtype)
 
-        if key_mask is not None and self.static_packing is not None:
+        if key_mask is not None and getattr(self, "static_packing", None) is not None:
             packing, key_mask = self._checked_static_packing(batch, seqlen), None
         elif key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
             packing = unpad_mask(key_mask)
