@@ -57,6 +57,9 @@ def test_fp32_bias_with_fp16_input():
     check_parity(randn(4, 9, 96), randn(96), randn(4, 9, 96), "none", torch.float16, torch.float32)
 
 
+# The exact GELU evaluates both of its polynomials and selects one; for |h| in the thousands
+# the unused one overflows to inf, which numpy (the interpreter) reports and the GPU ignores.
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 def test_large_inputs_do_not_overflow():
     x = torch.tensor([[-1e4, -80.0, -10.0, 0.0, 10.0, 80.0, 1e4, 6e4]], device=DEVICE)
     for dtype in (torch.float32, torch.float16):
