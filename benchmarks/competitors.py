@@ -212,7 +212,8 @@ def cudagraph_call(model: nn.Module, inputs) -> Callable[[], torch.Tensor]:
     sums per call); one without runs the padded graph, which reads nothing."""
     ids, tt, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]
     runner = fastbert.CUDAGraphRunner(model, batch_sizes=(ids.shape[0],), seq_lens=(ids.shape[1],), fallback=False,
-                                      check_inputs=False, unpad=bool((mask == 0).any()))
+                                      check_inputs=False,
+                                      unpad=mask is not None and bool((mask == 0).any()))
 
     def call():
         return runner(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state

@@ -243,9 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not device.startswith("cuda") and not args.tiny:
         print("tune: needs a CUDA GPU (--tiny checks the script on a CPU)", file=sys.stderr)
         return 2
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if not device.startswith("cuda"):
-        dtype = torch.float32
+    # --tiny checks the script (fp32, to the reference's precision) on any device.
+    dtype = torch.float32 if args.tiny or not device.startswith("cuda") else {"fp16": torch.float16,
+                                                                              "bf16": torch.bfloat16}[args.dtype]
+    dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     builders = {"attention": attention_cases, "rows": row_cases}
     unknown = [o for o in ops if o not in builders]
@@ -259,13 +260,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for case in builders[op](device, dtype, args.tiny):
             rows += measure(case, device, args.tiny, deadline)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (interpreter)"
-    print(f"# {name}, {args.dtype if device.startswith('cuda') else 'fp32'}, {time.time() - start:.0f} s; "
+    print(f"# {name}, {dtype_name}, {time.time() - start:.0f} s; "
           "* = the shipped config\n" + table(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"tune-{time.strftime('%Y-%m-%d')}.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"device": name, "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": name, "dtype": dtype_name, "torch": torch.__version__, "rows": rows}, f, indent=1)
         print(f"wrote {path}")
     return 0
 

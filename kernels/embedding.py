@@ -45,11 +45,14 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 __all__ = ["embedding", "build_info"]
 
+# Read once: a constant to torch.compile, which cannot trace a call into the extension.
+_CUDA_BUILT = bool(_C.cuda_built())
+
 
 def build_info() -> dict:
     """What ``fastbert._C`` was compiled with: CUDA kernels or not, and for which archs."""
     archs = [a for a in _C.cuda_archs().split("_") if a]
-    return {"cuda": _C.cuda_built(), "archs": [f"sm_{a}" for a in archs]}
+    return {"cuda": _CUDA_BUILT, "archs": [f"sm_{a}" for a in archs]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
     if word_weight.is_cuda:
         if word_weight.dtype == torch.float64:  # the CUDA kernels cover fp16, bf16 and fp32
             return _reference_with_checks(*args)
-        if not _C.cuda_built():
+        if not _CUDA_BUILT:
             msg = ("fastbert._C was built without its CUDA kernels (torch had no CUDA or nvcc was missing at "
                    "build time); rebuild with `pip install --no-build-isolation -e .` on a CUDA machine")
             if get_backend() == "triton":

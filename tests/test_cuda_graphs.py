@@ -9,6 +9,7 @@ import fastbert
 from fastbert.cuda_graphs import (CUDAGraphRunner, fill_packing, pad_to_bucket, capture_layout, run_bucket, select_bucket,
                                   slice_output, static_packing, token_bucket, token_step)
 from fastbert.outputs import BaseModelOutputWithPooling
+from utils import DEVICE
 
 VOCAB = 61
 
@@ -157,17 +158,17 @@ def test_packed_bucket_keeps_real_outputs(cls, names, backend):
     """The runner's packed path, minus the graph: pad into a bucket, pack its real tokens
     into a token bucket through static buffers, run, cut back. Padded positions are zeros."""
     fastbert.set_backend(backend)
-    model = cls(tiny_config(output_hidden_states=True)).eval()
+    model = cls(tiny_config(output_hidden_states=True)).to(DEVICE).eval()
     cases = ((3, 11, (4, 32)), (2, 5, (8, 32)), (1, 20, (2, 64)))
-    if backend == "triton":  # the interpreter is slow
+    if backend == "triton" and DEVICE == "cpu":  # the interpreter is slow
         cases = cases[:1]
     for batch, seqlen, bucket in cases:
-        ids, mask, types = random_inputs(batch, seqlen)
+        ids, mask, types = random_inputs(batch, seqlen, DEVICE)
         inputs = pad_to_bucket(ids, mask, types, None, *bucket, 0)
         lengths = inputs[1].sum(1).tolist()
         tokens = token_bucket(sum(lengths), inputs[1].numel())
         assert tokens < inputs[1].numel()  # the case runs packed
-        packing = static_packing(bucket[0], bucket[1], tokens, "cpu")
+        packing = static_packing(bucket[0], bucket[1], tokens, DEVICE)
         fill_packing(packing, inputs[1], lengths)
         hooks = _poison_spare_rows(model, sum(lengths))
         with torch.no_grad():
@@ -416,7 +417,7 @@ def test_packed_graphs(dtype):
     assert all(key[:3] == (8, (), 128) for key in packed.captured)
     assert any(key[3] < 8 * 128 for key in packed.captured), "no input ran packed"
     ids, mask, types = random_inputs(6, 128, "cuda")
-    mask[:, 40:] = 0
+    mask[:, :40], mask[:, 40:] = 1, 0  # every row exactly 40 real tokens
     a, b = packed(ids, mask, types), padded(ids, mask, types)
     assert (8, (), 128, 256) in packed.captured  # 6 x 40 real tokens -> the 256-token bucket
     real_close(a.last_hidden_state, b.last_hidden_state, mask, True, **tol)

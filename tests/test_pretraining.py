@@ -16,7 +16,7 @@ from fastbert.ops import OPS
 from fastbert.pretrained import read_state_dict
 from fastbert.training import (MLMCollator, PreTrainingObjective, PretrainingDataset, Trainer, TrainingArguments,
                                create_examples, train_tokenizer)
-from utils import unavailable_kernels
+from utils import DEVICE, unavailable_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,6 +120,7 @@ def test_gradients_match_transformers(backend):
     hf = transformers.BertForPreTraining(hf_config).train()
     ours = BertForPreTraining(config).train()
     ours.load_state_dict(hf.state_dict(), strict=True)
+    hf.to(DEVICE), ours.to(DEVICE)
 
     g = torch.Generator().manual_seed(0)
     batch, seqlen = 3, 11
@@ -134,6 +135,7 @@ def test_gradients_match_transformers(backend):
     nsp = torch.tensor([0, 1, 1])
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                   labels=labels, next_sentence_label=nsp)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}  # drawn on the CPU (seeded generator), run on DEVICE
 
     with fastbert.use_backend(backend):
         loss = ours(**inputs).loss

@@ -1,0 +1,125 @@
+"""Host cost per call of fastbert's Triton ops and of eager PyTorch, at shapes so small that
+the GPU never waits: the wall time per call is then the Python, dispatcher, autograd and
+launch work on the CPU, the part a CUDA graph or torch.compile's reduce-overhead removes.
+
+    python -m fastbert.benchmarks.host                 # on a GPU
+    python -m fastbert.benchmarks.host --profile       # and cProfile's top entries of each backward
+
+For each op: forward without autograd, forward with autograd, and the backward alone
+(``torch.autograd.grad`` on a retained graph), each as the median of several loops of
+``--calls`` calls ended by one synchronize. The backward runs twice: on autograd's device
+thread (torch's default for CUDA) and with autograd multithreading off (on the calling
+thread), which shows what the thread hand-off costs. ``identity`` is an
+``autograd.Function`` that returns its input: the floor of any Python-defined backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import fastbert
+from fastbert import functional as fb
+from fastbert import reference
+
+from .common import default_device
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _cases(device: str, dtype: torch.dtype) -> Dict[str, Tuple[Callable, Callable, List[torch.Tensor]]]:
+    """name: (fastbert forward, eager forward, leaves) at tiny BERT-like shapes."""
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    x, res, w, b = leaf(64, 768), leaf(64, 768), leaf(768), leaf(768)
+    h, hb = leaf(64, 3072), leaf(3072)
+    s = leaf(1, 2, 16, 16)
+    mask = torch.ones(1, 16, device=device, dtype=torch.long)
+    additive = torch.zeros(1, 1, 1, 16, device=device, dtype=dtype)
+    q, k, v = leaf(1, 16, 2, 64), leaf(1, 16, 2, 64), leaf(1, 16, 2, 64)  # (B, S, H, D)
+    return {
+        "identity": (lambda: _Identity.apply(x), lambda: x.view_as(x), [x]),
+        "add_layernorm": (lambda: fb.add_layernorm(x, res, w, b, 1e-12)[0],
+                          lambda: reference.add_layernorm(x, res, w, b, 1e-12)[0], [x, res, w, b]),
+        "bias_gelu": (lambda: fb.bias_gelu(h, hb), lambda: reference.bias_gelu(h, hb), [h, hb]),
+        "softmax_mask": (lambda: fb.softmax_mask(s, additive), lambda: reference.softmax_mask(s, additive), [s]),
+        "attention": (lambda: fb.attention(q, k, v, mask), lambda: reference.attention(q, k, v, mask), [q, k, v]),
+    }
+
+
+def _per_call_us(fn: Callable, calls: int, repeats: int = 5) -> float:
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def _backward(fwd: Callable, leaves: List[torch.Tensor]) -> Callable:
+    out = fwd()
+    dy = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--profile", action="store_true", help="cProfile each fastbert backward (on the calling thread)")
+    args = ap.parse_args(argv)
+    device = default_device()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"# host µs per call, {name}, torch {torch.__version__}, {args.calls} calls per loop")
+    print(f"{'op':<14} {'impl':<9} {'fwd nograd':>10} {'fwd grad':>9} {'bwd thread':>10} {'bwd inline':>10}")
+    profiles = {}
+    # Off the GPU the default backend (the Triton interpreter's host cost would mean nothing).
+    with fastbert.use_backend("triton") if device == "cuda" else contextlib.nullcontext():
+        for op, (fast, eager, leaves) in _cases(device, dtype).items():
+            for impl, fwd in (("fastbert", fast), ("eager", eager)):
+                if op == "identity" and impl == "eager":
+                    continue
+                with torch.no_grad():
+                    nograd = _per_call_us(fwd, args.calls)
+                grad = _per_call_us(fwd, args.calls)
+                bwd = _backward(fwd, leaves)
+                threaded = _per_call_us(bwd, args.calls)
+                with torch.autograd.set_multithreading_enabled(False):
+                    inline = _per_call_us(bwd, args.calls)
+                    if args.profile and impl == "fastbert":
+                        prof = cProfile.Profile()
+                        prof.runcall(lambda: [bwd() for _ in range(args.calls)])
+                        profiles[op] = prof
+                print(f"{op:<14} {impl:<9} {nograd:>10.1f} {grad:>9.1f} {threaded:>10.1f} {inline:>10.1f}", flush=True)
+    for op, prof in profiles.items():
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+        print(f"\n## cProfile, {op} backward x{args.calls} (inline), by own time")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:3000])
+
+
+if __name__ == "__main__":
+    main()
