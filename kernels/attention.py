@@ -80,7 +80,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, start
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"])
 def _attn_fwd(
     Q, K, V,                      # inputs, any strides
     O,                            # output (contiguous, shaped like Q with V's head dim)

@@ -52,7 +52,7 @@ def _dropout_keep(seed, bh, offsets, dropout_p):
     return tl.rand(seed + bh, offsets) >= dropout_p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh", "stride_lb", "rows"])
 def _attn_bwd_delta(
     O, DO, Delta,                 # output, its gradient, and rowsum(dO * O) (fp32, (H, rows))
     stride_ob, stride_om, stride_oh, stride_od,
@@ -73,7 +73,7 @@ def _attn_bwd_delta(
     tl.store(Delta + h * stride_lh + b64 * stride_lb + offs_m, delta, mask=offs_m < rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"])
 def _attn_bwd(
     Q, K, V, DO,                  # inputs and the output gradient
     DQ, DK, DV,                   # gradients out (contiguous, shaped like Q, K, V)

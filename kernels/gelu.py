@@ -91,7 +91,7 @@ def _gelu_and_grad(h, TANH: tl.constexpr, WANT_GRAD: tl.constexpr):
     return y, dy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _bias_gelu_fwd(
     X,  # (M, N) input
     B,  # (N,) bias
@@ -110,7 +110,7 @@ def _bias_gelu_fwd(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])
 def _bias_gelu_bwd(
     DY,  # (M, N) gradient of the output
     X, B,  # the forward's inputs

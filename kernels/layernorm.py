@@ -49,7 +49,7 @@ def _sum_inputs(X, XB, R, offs, cols, ok, col_ok, rand_offs, seed, p, drop_scale
     return h, keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _add_layernorm_fwd(
     X,  # (M, N) the sublayer output
     XB,  # (N,) bias added to X before dropout; read only if HAS_XBIAS
@@ -85,7 +85,7 @@ def _add_layernorm_fwd(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])
 def _add_layernorm_bwd(
     DY,  # (M, N) gradient of the output
     X, XB, R, W, MEAN, RSTD, SEED,  # the forward's inputs and statistics
@@ -142,7 +142,7 @@ def _add_layernorm_bwd(
         tl.store(PART + (2 * G + pid) * N + cols, tl.sum(acc_dxb, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G"])
 def _sum_partials(
     PART,  # (K, G, N) fp32 partial sums, one row per program of the main kernel
     O0, O1, O2,  # (N,) the K <= 3 sums, each in its own dtype

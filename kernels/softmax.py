@@ -46,7 +46,7 @@ def _scaled_masked(S, MASK, offs, rows, cols, ok, N, D1, D2, ms0, ms1, ms2, msn,
     return tl.where(ok, s, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "D1", "D2"])
 def _softmax_mask_fwd(
     S,  # (M, N) scores
     MASK,  # additive mask, addressed through the strides below; read only if HAS_MASK
@@ -78,7 +78,7 @@ def _softmax_mask_fwd(
     tl.store(LSE + rows, tl.where(den > 0.0, mx + tl.log(safe), float("-inf")), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "D1", "D2"])
 def _softmax_mask_bwd(
     DY,  # (M, N) gradient of the output
     S, MASK, LSE, SEED,  # the forward's inputs and row log-sum-exps

@@ -9,6 +9,7 @@ import torch
 
 import fastbert
 from fastbert import ops, reference
+from utils import DEVICE
 
 
 def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
@@ -116,6 +117,16 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _leaves():
+    """x, residual, weight, bias, q: small inputs of every Triton op (on the GPU when there is one)."""
+    x = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    r = torch.randn(3, 5, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    b = torch.zeros(16, device=DEVICE, requires_grad=True)
+    q = torch.randn(2, 7, 2, 16, device=DEVICE, requires_grad=True)
+    return x, r, w, b, q
+
+
 def test_eager_calls_skip_the_custom_op_layer_and_compile_sees_the_ops():
     """Eager calls run the kernels' bodies through an autograd.Function (kernels/_direct.py),
     forward and backward; dispatch modes (fake tensors, op loggers) and torch.compile see the
@@ -124,9 +135,7 @@ def test_eager_calls_skip_the_custom_op_layer_and_compile_sees_the_ops():
     from utils import unavailable_kernels
 
     assert not unavailable_kernels(["add_layernorm", "bias_gelu", "softmax_mask", "attention"])
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    r, w, b = torch.randn(3, 5, 16), torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
-    q = torch.randn(2, 7, 2, 16, requires_grad=True)
+    x, r, w, b, q = _leaves()
 
     def step(record=None):
         outs = [fb.add_layernorm(x, r, w, b, 1e-12)]
@@ -176,9 +185,7 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
     seen = []
     real = _direct.wrap_triton
     monkeypatch.setattr(_direct, "wrap_triton", lambda kernel: (seen.append(kernel), real(kernel))[1])
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    r, w, b = torch.randn(3, 5, 16), torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
-    q = torch.randn(2, 7, 2, 16, requires_grad=True)
+    x, r, w, b, q = _leaves()
     with fastbert.use_backend("triton"):
         h = fb.bias_gelu(fb.add_layernorm(x, r, w, b, 1e-12), b)
         (fb.softmax_mask(h, None, 0.5).sum() + fb.attention(q, q, q).sum()).backward()
@@ -200,3 +207,80 @@ def test_eager_launches_skip_wrap_triton(monkeypatch):
     with Mode():
         launch(kernel, (2,), 8)
     assert seen == [kernel] and launched[-1] == ((2,), (8,), {})
+
+
+def _specialization(kernel, args) -> tuple:
+    """The part of Triton's compile key that comes from a launch's runtime arguments: each
+    argument's type and what Triton specializes on (an int equal to 1 or divisible by 16, a
+    pointer's 16-byte alignment), except where the kernel says do_not_specialize."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    if hasattr(kernel, "params"):  # a compiled JITFunction (on a GPU)
+        params = [(p.name, p.is_constexpr, p.do_not_specialize, p.do_not_specialize_on_alignment) for p in kernel.params]
+    else:  # an InterpretedFunction: the decorator's arguments are kept in .kwargs
+        names = list(inspect.signature(kernel.fn).parameters)
+        sig = inspect.signature(kernel.fn).parameters
+
+        def flagged(option):
+            given = {names[g] if isinstance(g, int) else g for g in kernel.kwargs.get(option) or ()}
+            assert given <= set(names), f"{kernel.fn.__name__}: {option} names no parameter: {given - set(names)}"
+            return given
+        off, off_align = flagged("do_not_specialize"), flagged("do_not_specialize_on_alignment")
+        params = [(n, "constexpr" in str(sig[n].annotation), n in off, n in off_align) for n in names]
+    key = []
+    for (name, const, no_spec, no_align), arg in zip(params, args):
+        if not const:
+            key.append((name, native_specialize_impl(BaseBackend, arg, False, not no_spec, not no_align)))
+    return kernel.fn.__name__, tuple(key)
+
+
+@pytest.mark.parametrize("case", ["add_layernorm", "bias_gelu", "softmax_mask", "attention-packed"])
+def test_a_new_token_count_compiles_no_new_kernel(monkeypatch, case):
+    """Training and serving batches change their number of tokens (packed sequences, masked
+    tokens) from one call to the next. Triton compiles one kernel per specialization of the
+    integer arguments (equal to 1, divisible by 16), so a token count that only sizes the grid
+    and bounds the rows must be do_not_specialize, or a long run keeps stalling on compiles
+    (each ~1 s) for counts that happen to be multiples of 16 or 1. Every launch of each op's
+    forward and backward must have the same key for 64, 67 and 1 tokens."""
+    from fastbert import functional as fb
+    from fastbert.kernels import attention, attention_bwd, gelu, layernorm, softmax
+
+    keys = []
+    for module in (attention, attention_bwd, gelu, layernorm, softmax):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, *args, real=real, **meta:
+                            (keys[-1].add(_specialization(kernel, args)), real(kernel, grid, *args, **meta)))
+
+    def run(tokens):
+        torch.manual_seed(tokens)
+        keys.append(set())
+
+        def leaf(*shape):
+            return torch.randn(*shape, device=DEVICE, requires_grad=True)
+        if case == "add_layernorm":
+            x, r, w, b = leaf(tokens, 48), leaf(tokens, 48), leaf(48), leaf(48)
+            outs = [fb.add_layernorm(x, r, w, b, 1e-12), fb.add_layernorm(x, r, w, b, 1e-12, x_bias=b)]
+        elif case == "bias_gelu":
+            outs = [fb.bias_gelu(leaf(tokens, 96), leaf(96))]
+        elif case == "softmax_mask":
+            outs = [fb.softmax_mask(leaf(tokens, 2, 1, 16), torch.zeros(1, 1, 1, 16, device=DEVICE))]
+        else:  # two sequences packed, of tokens // 2 and the rest (at least one each)
+            first = max(1, tokens // 2)
+            lengths = [first, max(1, tokens - first)]
+            cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=DEVICE)
+            q, k, v = (leaf(sum(lengths), 2, 16) for _ in range(3))
+            outs = [fb.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))]
+        sum(o.float().sum() for o in outs).backward()
+        return keys[-1]
+
+    with fastbert.use_backend("triton"):
+        reference_keys = run(64)
+        assert reference_keys, "no Triton kernel was launched"
+        for tokens in (67, 1):
+            got = run(tokens)
+            differ = sorted({(name, a[0], a[1], b[1]) for name, key in got for name2, key2 in reference_keys
+                             if name == name2 for a, b in zip(key, key2) if a[0] == b[0] and a != b})
+            assert got == reference_keys, f"{case}: {tokens} tokens would compile other kernels than 64: {differ}"
