@@ -83,25 +83,26 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
     sig = {"X": f16, "XB": f16, "R": f16, "W": f16, "B": f16, "Y": f16, "MEAN": f32, "RSTD": f32, "SEED": "*i64",
            "M": "i32", "N": "i32", "eps": "fp32", "p": "fp32", "drop_scale": "fp32"}
     out.append(("add_layernorm fwd 4096x768", ln._add_layernorm_fwd, sig,
-                {"BLOCK_M": 4, "BLOCK_N": 1024, "HAS_XBIAS": True, "DROPOUT": False},
-                ["X", "XB", "R", "W", "B", "Y", "MEAN", "RSTD", "M", "N"], 8, 4 * 768, 4096 * 768))
+                {"BLOCK_M": 2, "BLOCK_N": 1024, "HAS_XBIAS": True, "DROPOUT": False},
+                ["X", "XB", "R", "W", "B", "Y", "MEAN", "RSTD", "N"], 2, 2 * 768, 4096 * 768))
     out.append(("bias_gelu fwd 4096x3072", gelu._bias_gelu_fwd, {"X": f16, "B": f16, "Y": f16, "M": "i32", "N": "i32"},
-                {"BLOCK_M": 4, "BLOCK_N": 1024, "TANH": False}, ["X", "B", "Y", "M", "N"], 8, 4 * 1024, 4096 * 3072))
+                {"BLOCK_M": 2, "BLOCK_N": 1024, "TANH": False}, ["X", "B", "Y", "N"], 4, 2 * 1024, 4096 * 3072))
     sig = {"S": f16, "MASK": f16, "Y": f16, "LSE": f32, "SEED": "*i64", "M": "i32", "N": "i32", "D1": "i32", "D2": "i32",
            "ms0": "i32", "ms1": "i32", "ms2": "i32", "scale": "fp32", "mask_min": "fp32", "p": "fp32", "drop_scale": "fp32"}
     out.append(("softmax_mask fwd 32x12x128x128", sm._softmax_mask_fwd, sig,
-                {"msn": 1, "BLOCK_M": 32, "BLOCK_N": 128, "HAS_MASK": True, "DROPOUT": False},
-                ["S", "MASK", "Y", "LSE", "M", "N", "ms0", "ms1", "ms2", "D2"], 8, 32 * 128, 32 * 12 * 128 * 128))
+                {"msn": 1, "BLOCK_M": 16, "BLOCK_N": 128, "HAS_MASK": True, "DROPOUT": False},
+                ["S", "MASK", "Y", "LSE", "N", "ms0", "ms1", "ms2"], 2, 16 * 128, 32 * 12 * 128 * 128))
     ints = [n for n in at._attn_fwd.arg_names if n.startswith("stride_") or n in ("num_heads", "seqlen_q", "seqlen_k",
                                                                                     "drop_stride")]
     sig = dict({n: "i32" for n in ints}, Q=f16, K=f16, V=f16, O=f16, LSE=f32, KeyMask="*i64", CuSeqlens="*i32",
                Seed="*i64", sm_scale="fp32", dropout_p="fp32")
-    const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M": 128, "BLOCK_N": 64,
+    const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M": 64, "BLOCK_N": 64,
              "PACKED": False, "HAS_MASK": True, "DROPOUT": False, "IEEE": False,
              "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_mn": 1}
-    divisible = ["Q", "K", "V", "O", "LSE", "KeyMask", "seqlen_q", "seqlen_k"] + [
-        n for n in ints if n.startswith("stride_") and n not in const]
-    out.append(("attention fwd D=64 (BM=128 BN=64)", at._attn_fwd, sig, const, divisible, 4, 0, 0))
+    unspecialised = {"stride_lh", "stride_lb"}  # do_not_specialize, as seqlen_q and seqlen_k
+    divisible = ["Q", "K", "V", "O", "LSE", "KeyMask"] + [
+        n for n in ints if n.startswith("stride_") and n not in const and n not in unspecialised]
+    out.append(("attention fwd D=64 (BM=64 BN=64)", at._attn_fwd, sig, const, divisible, 4, 0, 0))
     return out
 
 

@@ -165,14 +165,15 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
         x, b = t(m, n), t(n)
         cases.append(Case("bias_gelu fwd", f"{m}x{n}", triton_backend(lambda x=x, b=b: fb.bias_gelu(x, b)),
                           reference.bias_gelu(x.float(), b.float()), _row_candidates(n, gelu, "_tile", tiny, 1024),
-                          "BM={} BN={} w={}".format(*gelu._tile(n, x.device, 4096))))
+                          "BM={} BN={} w={}".format(*gelu._tile(n, x.device, gelu.FWD_ELEMS))))
         m, n = (64, 48) if tiny else (4096, 768)
         x, r, w, bb, xb = t(m, n), t(m, n), t(n), t(n), t(n)
         cases.append(Case("add_layernorm fwd", f"{m}x{n}",
                           triton_backend(lambda x=x, r=r, w=w, bb=bb, xb=xb: fb.add_layernorm(x, r, w, bb, 1e-12, x_bias=xb)),
                           reference.add_layernorm(x.float(), r.float(), w.float(), bb.float(), 1e-12, xb.float()),
                           _row_candidates(n, layernorm, "row_config", tiny),
-                          "BM={} BN={} w={}".format(*layernorm.row_config(n, x.device))))
+                          "BM={} BN={} w={}".format(*layernorm.row_config(n, x.device, layernorm.FWD_TILE,
+                                                                          layernorm.FWD_PER_WARP))))
         shape = (2, 2, 8, 16) if tiny else (32, 12, 128, 128)
         s = t(*shape)
         keep = torch.rand(shape[0], 1, 1, shape[-1], generator=g) < 0.8
@@ -182,7 +183,8 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
                           triton_backend(lambda: fb.softmax_mask(s, mask, 0.125)),
                           reference.softmax_mask(s.float(), mask.float(), 0.125),
                           _row_candidates(shape[-1], softmax, "row_config", tiny),
-                          "BM={} BN={} w={}".format(*softmax.row_config(shape[-1], s.device))))
+                          "BM={} BN={} w={}".format(*softmax.row_config(shape[-1], s.device, softmax.FWD_TILE,
+                                                                        softmax.FWD_PER_WARP))))
     return cases
 
 

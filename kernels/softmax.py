@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._direct import backward_impl, cdiv, register_autograd
 from ._dropout import check_dropout, draw_seed, keep_mask
-from .layernorm import check_inputs, fastbert_op, launch, new_empty, row_config
+from .layernorm import FWD_PER_WARP, FWD_TILE, check_inputs, fastbert_op, launch, new_empty, row_config
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _fwd(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float, dropo
     s2 = scores.contiguous().view(m, n)
     mview, dims, mstrides, msn = (s2, [1, 1], [0, 0, 0], 0) if mask is None else _mask_layout(mask, scores.shape)
     mask_min = 0.0 if mask is None else torch.finfo(mask.dtype).min
-    block_m, block_n, num_warps = row_config(n, scores.device)
+    block_m, block_n, num_warps = row_config(n, scores.device, FWD_TILE, FWD_PER_WARP)
     launch(_softmax_mask_fwd, (cdiv(m, block_m),),
            s2, mview, y, lse, s2 if seed is None else seed, m, n, dims[0], dims[1], *mstrides, msn,
         scale, mask_min, dropout_p, 1.0 / (1.0 - dropout_p),

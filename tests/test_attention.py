@@ -349,21 +349,23 @@ def _arg_types(fn, ptr="*fp16"):
 
 
 def test_compiles_for_hopper(tmp_path):
-    """The kernels at the block sizes the launchers pick on an H100/H200 for D=64 (forward
-    fp16 128x64, fp32 64x32; backward fp16 32/128, fp32 32/64), every feature on."""
+    """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
+    at D=64 and 128x64 at D=128, fp32 64x32; backward fp16 32/64 at D=64 and 32/128 at
+    D=128, fp32 32/64), every feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
 
     mod, bwd_mod = "fastbert.kernels.attention", "fastbert.kernels.attention_bwd"
     flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, PACKED=True, HAS_MASK=True, DROPOUT=True)
-    specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
+    specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=64, BLOCK_N=64, IEEE=False), 4),
+             (mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
              (mod, "_attn_fwd", _arg_types(kernel._attn_fwd, "*fp32"),
               dict(flags, BLOCK_M=64, BLOCK_N=32, IEEE=True, PACKED=False), 4),
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
-    for m1, n1, m2, n2, ptr in ((32, 128, 128, 32, "*fp16"), (32, 64, 64, 32, "*fp32")):
+    for m1, n1, m2, n2, ptr in ((32, 64, 64, 32, "*fp16"), (32, 128, 128, 32, "*fp16"), (32, 64, 64, 32, "*fp32")):
         specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
                       dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32"), 4))
     assert_compiles_for_hopper(specs, tmp_path)

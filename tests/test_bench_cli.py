@@ -249,4 +249,4 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     rows = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
     for name in ("add_layernorm fwd 4096x768", "bias_gelu fwd 4096x3072", "softmax_mask fwd 32x12x128x128"):
         assert "LDG.E.128" in rows[name] and "STG.E.128" in rows[name], rows[name]
-    assert "HGMMA" in rows["attention fwd D=64 (BM=128 BN=64)"], rows
+    assert "HGMMA" in rows["attention fwd D=64 (BM=64 BN=64)"], rows

@@ -150,7 +150,8 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     fwd = {"X": "*fp16", "B": "*fp16", "Y": "*fp16", "M": "i32", "N": "i32"}
     bwd = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "PART": "*fp32", "M": "i32", "N": "i32",
            "rows_per_prog": "i32"}
-    (fm, fn, fw), (bm, bn, bw) = (gelu_kernels._tile(3072, torch.device("cuda"), e) for e in (4096, 8192))
+    (fm, fn, fw), (bm, bn, bw) = (gelu_kernels._tile(3072, torch.device("cuda"), e)
+                                  for e in (gelu_kernels.FWD_ELEMS, gelu_kernels.BWD_ELEMS))
     assert_compiles_for_hopper([
         (mod, "_bias_gelu_fwd", fwd, {"BLOCK_M": fm, "BLOCK_N": fn, "TANH": True}, fw),
         (mod, "_bias_gelu_bwd", bwd, {"BLOCK_M": bm, "BLOCK_N": bn, "TANH": False}, bw),

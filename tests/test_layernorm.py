@@ -213,9 +213,12 @@ print(json.dumps({"failures": failures}))
 """
 
 
-def hopper_config(monkeypatch, n):
-    """(BLOCK_M, BLOCK_N, num_warps) that the row kernels' launchers pick for width ``n`` on an H100."""
+def hopper_config(monkeypatch, n, forward=False):
+    """(BLOCK_M, BLOCK_N, num_warps) that the row kernels' launchers pick for width ``n`` on an
+    H100, for the forward or the backward kernel."""
     monkeypatch.setattr(kernels, "_device_info", lambda device: (132, True))
+    if forward:
+        return kernels.row_config(n, torch.device("cuda"), kernels.FWD_TILE, kernels.FWD_PER_WARP)
     return kernels.row_config(n, torch.device("cuda"))
 
 
@@ -247,10 +250,11 @@ def _ln_args(x, w):
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     mod = "fastbert.kernels.layernorm"
     fwd, bwd = _ln_args("*fp16", "*fp32")
+    fm, fn, fwarps = hopper_config(monkeypatch, 768, forward=True)
     bm, bn, warps = hopper_config(monkeypatch, 768)
     flags = {"HAS_XBIAS": True, "DROPOUT": True}
     assert_compiles_for_hopper([
-        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn), warps),
+        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn), fwarps),
         (mod, "_add_layernorm_bwd", bwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn, STORE_DX=True), warps),
         (mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
          {"BLOCK_G": 64, "BLOCK_N": 32}, 4),

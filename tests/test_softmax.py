@@ -167,11 +167,12 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     common = {"MASK": "*fp32", "LSE": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "D1": "i32", "D2": "i32",
               "ms0": "i32", "ms1": "i32", "ms2": "i32", "msn": "i32", "scale": "fp32", "mask_min": "fp32",
               "p": "fp32", "drop_scale": "fp32"}
-    bm, bn, warps = hopper_config(monkeypatch, 128)
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_MASK": True, "DROPOUT": True}
+    (fm, fn, fwarps), (bm, bn, warps) = hopper_config(monkeypatch, 128, forward=True), hopper_config(monkeypatch, 128)
+    flags = {"HAS_MASK": True, "DROPOUT": True}
     assert_compiles_for_hopper([
-        (mod, "_softmax_mask_fwd", dict(common, S="*fp16", Y="*fp16"), meta, warps),
-        (mod, "_softmax_mask_bwd", dict(common, DY="*fp16", S="*fp16", DS="*fp16"), meta, warps),
+        (mod, "_softmax_mask_fwd", dict(common, S="*fp16", Y="*fp16"), dict(flags, BLOCK_M=fm, BLOCK_N=fn), fwarps),
+        (mod, "_softmax_mask_bwd", dict(common, DY="*fp16", S="*fp16", DS="*fp16"), dict(flags, BLOCK_M=bm, BLOCK_N=bn),
+         warps),
     ], tmp_path)
 
 
