@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
-# GPU tests, the launch-config sweep (benchmarks/tune.py), and the rest of the test suite on
-# the GPU, each with whatever time is left.
+# GPU tests, the host cost per op call (benchmarks/host.py), the launch-config sweep
+# (benchmarks/tune.py), and the rest of the test suite on the GPU, each with whatever time is
+# left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Everything lands directly in $OUT (at most 8 files, the most a device call brings back):
-# summary.txt, install.log (the build and compute-sanitizer), tests.log, bench.log (with the
-# sweep's log), the benchmark's bench-<gpu>-<date>-<commit>.{json,md,png} and tune-<date>.json.
+# Everything lands directly in $OUT (8 files, the most a device call brings back, so send the
+# console elsewhere): summary.txt, install.log (the build and compute-sanitizer), tests.log,
+# bench.log (with the host-cost and sweep logs), the benchmark's
+# bench-<gpu>-<date>-<commit>.{json,md,png} and tune-<date>.json.
 # The benchmark runs before the test suites so that its numbers come back whatever the tests do;
 # the tests run under pytest-xdist where it is installed (a crashing test then costs one worker,
 # not the run) with a per-test timeout, and end with one line per failure.
@@ -124,12 +126,19 @@ fi
 rm -f "$SNIPPET"
 
 # 4. The GPU tests (BERT shapes, every dtype); the rest of the suite on the GPU machine last.
-XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --timeout 150" || echo "--maxfail=10")
+# -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
+# still names its failures.
+XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "--maxfail=10")
 PYTEST="$PY -m pytest tests -q -rfE --tb=short -p no:cacheprovider $XDIST"
 step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# 5. The launch-config sweep with what time is left before the rest of the suite (its log goes
+# 5. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
+#    on this machine's CPU, next to eager PyTorch.
+step "host cost" 40 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200
+sed -n '/^# host µs per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+
+# 6. The launch-config sweep with what time is left before the rest of the suite (its log goes
 #    to bench.log and its table to the summary; tune-<date>.json is the eighth file back).
 TUNE_LEFT=$((TOTAL - SECONDS - 30))
 if [ "$TUNE_LEFT" -ge 45 ]; then
@@ -138,7 +147,7 @@ if [ "$TUNE_LEFT" -ge 45 ]; then
     sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
 step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PYTEST -m "not gpu"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 say ""
 say "== summary (${SECONDS}s) =="
@@ -154,5 +163,5 @@ if [ -n "$MD" ]; then
 else
     say "no benchmark report"
 fi
-grep -hE "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -20 | tee -a "$SUMMARY"
+grep -hoE "(FAILED|ERROR) tests/[^ ]+" "$OUT/tests.log" 2>/dev/null | sort -u | head -40 | tee -a "$SUMMARY"
 exit 0
