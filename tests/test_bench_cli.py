@@ -250,3 +250,18 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     for name in ("add_layernorm fwd 4096x768", "bias_gelu fwd 4096x3072", "softmax_mask fwd 32x12x128x128"):
         assert "LDG.E.128" in rows[name] and "STG.E.128" in rows[name], rows[name]
     assert "HGMMA" in rows["attention fwd D=64 (BM=64 BN=64)"], rows
+
+
+def test_host_cost_script_prints_every_op(capsys):
+    """benchmarks/host.py: one row per op and implementation, positive times, and the
+    profile of each fastbert backward when asked."""
+    from fastbert.benchmarks import host
+    host.main(["--calls", "2", "--profile"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in
+            ("identity", "add_layernorm", "bias_gelu", "softmax_mask", "attention")]
+    assert [r[:2] for r in rows] == [["identity", "fastbert"]] + [[op, impl] for op in
+                                     ("add_layernorm", "bias_gelu", "softmax_mask", "attention")
+                                     for impl in ("fastbert", "eager")], out
+    assert all(float(v) > 0 for r in rows for v in r[2:]), rows
+    assert out.count("## cProfile") == 5
