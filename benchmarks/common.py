@@ -113,6 +113,43 @@ def timers(device: str, quick: bool):
     return [("", plain)] + ([(", CUDA graph", graphed)] if str(device).startswith("cuda") else [])
 
 
+def graph_backward_ms(fwd: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], dy: torch.Tensor,
+                      reps: int = 20, replays: int = 10) -> float:
+    """Kernel time of one backward of ``fwd`` (``torch.autograd.grad`` over ``leaves``): the
+    forward runs once on a side stream, so that autograd queues its backward there too; the
+    backward is warmed up and then captured ``reps`` times into one CUDA graph on that stream,
+    and the graph's replays are timed with events. (A forward run on the default stream and a
+    backward captured on do_bench_cudagraph's stream fail: autograd runs each backward op on
+    its forward op's stream, which is not the capturing one.)"""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            out = fwd()
+            for _ in range(3):
+                torch.autograd.grad(out, leaves, dy, retain_graph=True)
+            side.synchronize()
+            with torch.cuda.graph(graph, stream=side):
+                for _ in range(reps):
+                    torch.autograd.grad(out, leaves, dy, retain_graph=True)
+    except Exception:
+        _end_failed_capture(str(dy.device))
+        raise
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph, out
+    return statistics.median(times)
+
+
 def _end_failed_capture(device: str) -> None:
     """A capture that fails leaves torch's CUDA generator marked as capturing, so that every
     later random draw raises ("Offset increment outside graph capture"); one small capture
@@ -150,16 +187,14 @@ def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]
             return torch.autograd.grad(fwd(), leaves, dy)
 
         for suffix, timer in timers(device, quick):
-            modes = [("fwd", f_fwd), ("bwd", f_bwd), ("fwd+bwd", f_both)]
-            if suffix:  # forward only: a backward whose forward ran outside the graph cannot be captured,
-                # and autograd's backward inside do_bench_cudagraph's capture failed on an H200 (torch 2.11)
-                # for eager PyTorch and fastbert alike ("operation failed due to a previous error during capture")
-                modes = [m for m in modes if m[0] == "fwd"]
+            modes = [("fwd", f_fwd, timer), ("bwd", f_bwd, timer), ("fwd+bwd", f_both, timer)]
+            if suffix:  # in a graph: the forward with the timer, the backward with its own capture
+                modes = [modes[0], ("bwd", fwd, lambda f: graph_backward_ms(f, leaves, dy))]
             if impl in fwd_only:
                 modes = [m for m in modes if m[0] == "fwd"]
-            for mode, fn in modes:
+            for mode, fn, time_fn in modes:
                 try:
-                    ms = timer(fn)
+                    ms = time_fn(fn)
                 except Exception as exc:  # keep the other measurements
                     warnings.warn(f"{name} {impl} {mode}{suffix} not timed: {type(exc).__name__}: {exc}")
                     continue
