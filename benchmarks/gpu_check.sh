@@ -129,6 +129,8 @@ rm -f "$SNIPPET"
 # -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
 # still names its failures.
 XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "--maxfail=10")
+# Each failure and its reason, as it happens (tests/conftest.py), for the summary.
+export FASTBERT_FAILURE_LOG=$(mktemp /tmp/fastbert_failures_XXXX.txt)
 PYTEST="$PY -m pytest tests -q -rfE --tb=short -p no:cacheprovider $XDIST"
 step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
@@ -146,7 +148,7 @@ if [ "$TUNE_LEFT" -ge 45 ]; then
     step "tune" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune --out "$OUT" --max-seconds $((TUNE_CAP - 30))
     sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
-step "tests (rest, on GPU)" 150 "$OUT/tests.log" $PYTEST -m "not gpu"
+step "tests (rest, on GPU)" 150 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 say ""
@@ -164,4 +166,9 @@ else
     say "no benchmark report"
 fi
 grep -hoE "(FAILED|ERROR) tests/[^ ]+" "$OUT/tests.log" 2>/dev/null | sort -u | head -40 | tee -a "$SUMMARY"
+if [ -s "$FASTBERT_FAILURE_LOG" ]; then
+    say "== why each failed =="
+    head -c 6000 "$FASTBERT_FAILURE_LOG" | tee -a "$SUMMARY"
+fi
+rm -f "$FASTBERT_FAILURE_LOG"
 exit 0

@@ -29,3 +29,17 @@ def _fresh_backend_and_seed():
     torch.manual_seed(0)
     yield
     fastbert.set_backend(previous)
+
+
+def pytest_runtest_logreport(report):
+    """With FASTBERT_FAILURE_LOG set, each failure is appended to that file as it happens, with
+    the line that says why (benchmarks/gpu_check.sh: a suite cut by its time limit still says
+    what failed and how)."""
+    path = os.environ.get("FASTBERT_FAILURE_LOG")
+    if not path or not report.failed:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    why = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1:]
+    why = " ".join(str(why).split())[:400]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{report.nodeid} ({report.when}): {why}\n")
