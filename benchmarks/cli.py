@@ -33,7 +33,7 @@ def op_stems() -> Dict[str, str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     stems = ", ".join(op_stems())
     p.add_argument("--quick", action="store_true", help="fewer repeats, a 4096³ matmul ceiling, and torch.compile "
-                   "competitors on two workloads only (a few minutes on a GPU)")
+                   "competitors on BERT-base B=32 and B=1 and the training step only (a few minutes on a GPU)")
     p.add_argument("--ops", default=None, metavar="LIST",
                    help=f"op suites to run: comma list of {stems}, or 'none' (default: all; on a CPU, those with a CPU kernel)")
     p.add_argument("--workloads", default=None, metavar="LIST",
