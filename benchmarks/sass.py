@@ -83,7 +83,7 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
     sig = {"X": f16, "XB": f16, "R": f16, "W": f16, "B": f16, "Y": f16, "MEAN": f32, "RSTD": f32, "SEED": "*i64",
            "M": "i32", "N": "i32", "eps": "fp32", "p": "fp32", "drop_scale": "fp32"}
     out.append(("add_layernorm fwd 4096x768", ln._add_layernorm_fwd, sig,
-                {"BLOCK_M": 2, "BLOCK_N": 1024, "HAS_XBIAS": True, "DROPOUT": False},
+                {"BLOCK_M": 2, "BLOCK_N": 1024, "HAS_XBIAS": True, "DROPOUT": False, "STATS": True},
                 ["X", "XB", "R", "W", "B", "Y", "MEAN", "RSTD", "N"], 2, 2 * 768, 4096 * 768))
     out.append(("bias_gelu fwd 4096x3072", gelu._bias_gelu_fwd, {"X": f16, "B": f16, "Y": f16, "M": "i32", "N": "i32"},
                 {"BLOCK_M": 2, "BLOCK_N": 1024, "TANH": False}, ["X", "B", "Y", "N"], 4, 2 * 1024, 4096 * 3072))
@@ -97,7 +97,7 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
     sig = dict({n: "i32" for n in ints}, Q=f16, K=f16, V=f16, O=f16, LSE=f32, KeyMask="*i64", CuSeqlens="*i32",
                Seed="*i64", sm_scale="fp32", dropout_p="fp32")
     const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M": 64, "BLOCK_N": 64,
-             "PACKED": False, "HAS_MASK": True, "DROPOUT": False, "IEEE": False,
+             "PACKED": False, "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "STORE_LSE": True,
              "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_mn": 1}
     unspecialised = {"stride_lh", "stride_lb"}  # do_not_specialize, as seqlen_q and seqlen_k
     divisible = ["Q", "K", "V", "O", "LSE", "KeyMask"] + [

@@ -39,11 +39,14 @@ except ImportError:  # no Triton: only the C++ ops use this module
     InterpretedFunction = ()
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable, body: Optional[Callable] = None) -> Callable:
+def register_autograd(op, backward: Callable, setup_context: Callable, body: Optional[Callable] = None,
+                      infer: Optional[Callable] = None) -> Callable:
     """Register ``backward``/``setup_context`` on the custom op ``op`` and return the function
     to call it with. ``op`` is one of fastbert's Python custom ops (its implementation is
     ``op.body``), or the qualified name of an op defined in C++ ("fastbert::embedding_fwd"),
-    whose ``body`` is then given (:func:`below_autograd`)."""
+    whose ``body`` is then given (:func:`below_autograd`). ``infer``, when given, stands in for
+    the body where nothing needs a gradient: it may skip what only a backward reads (and
+    return None in its place)."""
     if isinstance(op, str):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         namespace, name = op.split("::")
@@ -64,6 +67,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable, body: Opt
     Direct = type(f"{name}_direct", (torch.autograd.Function,),  # grad_fn: <op>_directBackward
                   {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    inference = infer or body
+
     def call(*args):
         # The op while torch.compile traces, and under any dispatch mode (fake tensors, flop
         # counters, debug modes), which expect to see the op.
@@ -71,7 +76,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable, body: Opt
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return Direct.apply(*args)
-        return body(*args)  # nothing to differentiate (inference): no autograd node to build
+        return inference(*args)  # nothing to differentiate: no autograd node to build
 
     return call
 

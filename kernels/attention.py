@@ -97,6 +97,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    STORE_LSE: tl.constexpr,      # write LSE (the backward's; not needed without one)
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
@@ -145,7 +146,8 @@ def _attn_fwd(
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + h * stride_lh + b64 * stride_lb + start64 + offs_m, lse, mask=m_ok)
+    if STORE_LSE:
+        tl.store(LSE + h * stride_lh + b64 * stride_lb + start64 + offs_m, lse, mask=m_ok)
     tl.store(O + b64 * stride_ob + (start64 + offs_m[:, None]) * stride_om + h * stride_oh + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
 
@@ -207,12 +209,12 @@ def _geometry(q, k, cu_seqlens, max_seqlen):
     return False, q.shape[0], q.shape[1], k.shape[1]
 
 
-def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p):
+def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p, store_lse: bool = True):
     packed, batch, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
     heads, dim, dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
     out = torch.empty((*q.shape[:-1], dim_v), dtype=q.dtype, device=q.device)
     rows = q.shape[0] if packed else batch * seqlen_q
-    lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device) if store_lse else None
     if batch * heads == 0 or seqlen_q == 0 or _tracing_interpreted(q):
         return out, lse
     block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
@@ -220,14 +222,15 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     launch(_attn_fwd, (cdiv(seqlen_q, cfg.block_m), batch * heads),
-        q, k, v, out, lse, mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
+        q, k, v, out, lse if store_lse else out, mask if has_mask else q, cu_seqlens if packed else q,
+        seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(out, packed)[:3],
-        *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
+        *(mask.stride() if has_mask else (0, 0)), rows, 0 if packed else seqlen_q,
         heads, seqlen_q, seqlen_k, seqlen_k, scale, dropout_p,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STORE_LSE=store_lse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -287,7 +290,12 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_call = register_autograd(attention_fwd, _backward, _setup_context)
+def _infer(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p):
+    """The forward when no backward will follow: (output, None), no log-sum-exp."""
+    return _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p, store_lse=False)
+
+
+_call = register_autograd(attention_fwd, _backward, _setup_context, infer=_infer)
 
 
 # --------------------------------------------------------------------------- public entry points

@@ -60,6 +60,7 @@ def _add_layernorm_fwd(
     SEED,  # (1,) int64 dropout seed; read only if DROPOUT
     M, N, eps, p, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_XBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    STATS: tl.constexpr,  # write MEAN and RSTD (not needed without a backward)
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     eps, p, drop_scale = tl.cast(eps, tl.float32), tl.cast(p, tl.float32), tl.cast(drop_scale, tl.float32)
@@ -81,8 +82,9 @@ def _add_layernorm_fwd(
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = d * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
-    tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    if STATS:
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
@@ -274,22 +276,32 @@ def fastbert_op(name: str, kernel):
 def _fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
          x_bias: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(x, residual, weight, bias, eps, x_bias, dropout_p, seed, True)
+
+
+def _infer(x, residual, weight, bias, eps, x_bias, dropout_p, seed):
+    """The forward when no backward will follow: (y, None, None), the row statistics neither
+    allocated nor written."""
+    return _launch_forward(x, residual, weight, bias, eps, x_bias, dropout_p, seed, False)
+
+
+def _launch_forward(x, residual, weight, bias, eps, x_bias, dropout_p, seed, stats: bool):
     n = x.shape[-1]
     m = math.prod(x.shape[:-1])
     check_inputs("add_layernorm", n, x, residual, weight, bias, x_bias)
     check_dropout("add_layernorm", dropout_p, m * n, seed)
     y = new_empty(x.shape, x.dtype, x.device)
-    mean = new_empty(m, torch.float32, x.device)
-    rstd = new_empty(m, torch.float32, x.device)
+    mean = new_empty(m, torch.float32, x.device) if stats else None
+    rstd = new_empty(m, torch.float32, x.device) if stats else None
     if m == 0 or n == 0:
-        return y, mean.fill_(0.0), rstd.fill_(0.0)
+        return (y, mean.fill_(0.0), rstd.fill_(0.0)) if stats else (y, None, None)
     x2, r2 = _rows(x, m, n), _rows(residual, m, n)
     block_m, block_n, num_warps = row_config(n, x.device, FWD_TILE, FWD_PER_WARP)
     launch(_add_layernorm_fwd, (cdiv(m, block_m),),
-           x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
-        x2 if seed is None else seed, m, n, eps, dropout_p, 1.0 / (1.0 - dropout_p),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_XBIAS=x_bias is not None, DROPOUT=dropout_p > 0.0,
-        num_warps=num_warps)
+           x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), y,
+        mean if stats else y, rstd if stats else y, x2 if seed is None else seed, m, n, eps, dropout_p,
+        1.0 / (1.0 - dropout_p), BLOCK_M=block_m, BLOCK_N=block_n, HAS_XBIAS=x_bias is not None,
+        DROPOUT=dropout_p > 0.0, STATS=stats, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -348,7 +360,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     return dx, dh, dw, db, None, (dxb if x_bias is not None else None), None, None
 
 
-_call = register_autograd(_fwd, _backward, _setup_context)
+_call = register_autograd(_fwd, _backward, _setup_context, infer=_infer)
 
 
 def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):

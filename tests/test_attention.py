@@ -272,6 +272,27 @@ def test_dropout_refuses_counter_overflow():
         fb.attention(t, t, t, cu_seqlens=_cu_seqlens([46341]), dropout_p=0.1)
 
 
+def test_inference_writes_no_log_sum_exp(monkeypatch):
+    """Where nothing needs a gradient the forward stores the output alone (the log-sum-exp is
+    the backward's), padded and packed, with the same bits as with autograd."""
+    stored = []
+    real = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda k, grid, *args, **meta:
+                        (stored.append(meta.get("STORE_LSE")), real(k, grid, *args, **meta)))
+    q, k, v = (randn(2, 9, H, 16) for _ in range(3))
+    mask = _keep_mask("mixed", 2, 9)
+    cu = torch.tensor([0, 4, 13], dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = (t.reshape(18, H, 16)[:13] for t in (q, k, v))
+    with fastbert.use_backend("triton"):
+        for args, kwargs in (((q, k, v, mask), {}), ((qp, kp, vp), dict(cu_seqlens=cu, max_seqlen=9))):
+            with torch.no_grad():
+                plain = fb.attention(*args, **kwargs)
+            leaves = [t.clone().requires_grad_() for t in args[:3]]
+            trained = fb.attention(*leaves, *args[3:], **kwargs)
+            assert torch.equal(plain, trained.detach())
+    assert stored == [False, True, False, True]
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -358,10 +379,13 @@ def test_compiles_for_hopper(tmp_path):
 
     mod, bwd_mod = "fastbert.kernels.attention", "fastbert.kernels.attention_bwd"
     flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, PACKED=True, HAS_MASK=True, DROPOUT=True)
-    specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=64, BLOCK_N=64, IEEE=False), 4),
-             (mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(flags, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
+    fwd = dict(flags, STORE_LSE=True)
+    specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(fwd, BLOCK_M=64, BLOCK_N=64, IEEE=False), 4),
+             (mod, "_attn_fwd", _arg_types(kernel._attn_fwd),
+              dict(fwd, BLOCK_M=64, BLOCK_N=64, IEEE=False, STORE_LSE=False), 4),
+             (mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(fwd, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
              (mod, "_attn_fwd", _arg_types(kernel._attn_fwd, "*fp32"),
-              dict(flags, BLOCK_M=64, BLOCK_N=32, IEEE=True, PACKED=False), 4),
+              dict(fwd, BLOCK_M=64, BLOCK_N=32, IEEE=True, PACKED=False), 4),
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]

@@ -156,6 +156,24 @@ def test_dropout_follows_the_torch_seed():
     assert not torch.equal(a, c)
 
 
+def test_inference_skips_the_row_statistics(monkeypatch):
+    """Where nothing needs a gradient the forward writes y alone (the row mean and rstd exist
+    for the backward), and y has the same bits as with autograd."""
+    stats = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, *args, **meta:
+                        (stats.append(meta.get("STATS")), real(kernel, grid, *args, **meta)))
+    x, r, w, b, xb = randn(5, 7, 48), randn(5, 7, 48), randn(48), randn(48), randn(48)
+    with fastbert.use_backend("triton"):
+        with torch.no_grad():
+            plain = fb.add_layernorm(x, r, w, b, 1e-5, x_bias=xb)
+        no_leaf_needs_grad = fb.add_layernorm(x, r, w, b, 1e-5, x_bias=xb)
+        trained = fb.add_layernorm(x.requires_grad_(), r, w, b, 1e-5, x_bias=xb)
+    assert stats == [False, False, True]
+    assert torch.equal(plain, no_leaf_needs_grad) and torch.equal(plain, trained.detach())
+    assert trained.requires_grad and not plain.requires_grad
+
+
 def test_opcheck():
     x, r = randn(3, 16, requires_grad=True), randn(3, 16, requires_grad=True)
     w, b, xb = (randn(16, requires_grad=True) for _ in range(3))
@@ -254,7 +272,8 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     bm, bn, warps = hopper_config(monkeypatch, 768)
     flags = {"HAS_XBIAS": True, "DROPOUT": True}
     assert_compiles_for_hopper([
-        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn), fwarps),
+        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn, STATS=True), fwarps),
+        (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn, STATS=False), fwarps),
         (mod, "_add_layernorm_bwd", bwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn, STORE_DX=True), warps),
         (mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
          {"BLOCK_G": 64, "BLOCK_N": 32}, 4),
