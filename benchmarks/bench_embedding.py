@@ -10,8 +10,10 @@ GPU timings (fp16 by default), each its own case so speed-ups compare like with 
 - plain: ``triton.testing.do_bench``. fastbert's forward includes the id check's 8-byte
   copy and stream sync, so this is the time a caller waits per forward;
 - ", CUDA graph": ``do_bench_cudagraph``: no host cost and no sync (inside a graph the check
-  is deferred to the next eager call), i.e. the kernels' own time. The gap between the two
-  fwd numbers is the price of the id check.
+  is deferred to the next eager call), i.e. the kernels' own time.
+- "fastbert-unchecked" (forward only): the same call under ``fastbert.assume_valid_ids()``,
+  which skips the copy and the sync; its plain time against "fastbert"'s is the price of the
+  id check.
 
 CPU timings (always fp32, whatever dtype is asked: fp16 arithmetic on a CPU is not what
 anyone runs): medians of synchronous wall-clock repeats. "eager+check" adds the range check
@@ -70,8 +72,14 @@ def setup(dtype: torch.dtype, device: str, batch: int = BATCH, seq: int = SEQ, h
                 raise ValueError("id out of range")
         return eager_fn()
 
+    def unchecked_fn():
+        with fastbert.assume_valid_ids():
+            return fastbert_fn()
+
     impls = {"fastbert": fastbert_fn, "eager": eager_fn}
-    if not str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):
+        impls["fastbert-unchecked"] = unchecked_fn
+    else:
         impls["eager+check"] = eager_checked_fn
     dy = torch.randn(batch, seq, hidden, device=device).to(dtype)
     return impls, leaves, dy
@@ -94,7 +102,8 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
     tokens = BATCH * SEQ
     nbytes = min_bytes(tokens, HIDDEN, torch.empty((), dtype=dtype).element_size())
     case = f"{tokens}x{HIDDEN} {dtype_name(dtype)}" + ("" if on_gpu else " (CPU)")
-    return measure_op("embedding", case, impls, leaves, dy, nbytes, device, quick, fwd_only=("eager+check",))
+    return measure_op("embedding", case, impls, leaves, dy, nbytes, device, quick,
+                      fwd_only=("eager+check", "fastbert-unchecked"))
 
 
 @pytest.mark.gpu

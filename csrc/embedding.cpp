@@ -147,8 +147,14 @@ void raise_bad_id(const EmbeddingArgs& a, int64_t token, int kind) {
     TORCH_CHECK_VALUE(value >= 0 && value < rows, "fastbert.embedding: ", kIdNames[kind], " contains ", value,
                       ", outside the valid range [0, ", rows, ")");
   }
-  TORCH_CHECK_VALUE(false, "fastbert.embedding: a call replayed from a CUDA graph met an out-of-range ", kIdNames[kind],
-                    " (at token ", token, "); its output was zeros at that token");
+  TORCH_CHECK_VALUE(false, "fastbert.embedding: an earlier call that did not check its ids (a replay of a CUDA graph, "
+                    "or one inside fastbert.assume_valid_ids()) met an out-of-range ", kIdNames[kind], " (at token ", token,
+                    "); its output was zeros at that token");
+}
+
+bool& sync_id_check() {
+  thread_local bool on = true;
+  return on;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,13 +464,22 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
 #endif
 
 // A plain CPython module (no pybind11): importing fastbert._C loads the library, which
-// registers the ops; two functions describe the build.
+// registers the ops; three functions describe the build and switch the CUDA id check.
 static PyObject* py_cuda_built(PyObject*, PyObject*) { return PyBool_FromLong(fastbert::cuda_built()); }
 static PyObject* py_cuda_archs(PyObject*, PyObject*) { return PyUnicode_FromString(FASTBERT_ARCHS_STRING); }
+static PyObject* py_set_sync_id_check(PyObject*, PyObject* on) {
+  const int value = PyObject_IsTrue(on);
+  if (value < 0) return nullptr;
+  const bool previous = fastbert::sync_id_check();
+  fastbert::sync_id_check() = value != 0;
+  return PyBool_FromLong(previous);
+}
 
 static PyMethodDef fastbert_methods[] = {
     {"cuda_built", py_cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cuda_archs", py_cuda_archs, METH_NOARGS, "Compute capabilities compiled, e.g. '80_90' (empty without CUDA)."},
+    {"set_sync_id_check", py_set_sync_id_check, METH_O,
+     "This thread's CUDA id check on (True) or off (False); returns the previous setting."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef fastbert_module = {PyModuleDef_HEAD_INIT, "_C",

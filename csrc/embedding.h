@@ -39,8 +39,14 @@ EmbeddingArgs check_args(const at::Tensor& input_ids, const at::Tensor& token_ty
 std::vector<int64_t> out_shape(const at::Tensor& ids, int64_t hidden);
 
 // Raises the ValueError for the bad id of `kind` at flat token `token`, naming the value. A
-// record that does not match these ids (left by a kernel replayed from a CUDA graph, where
-// the host cannot sync) gets a message saying so.
+// record that does not match these ids (left by a call that did not check: a kernel replayed
+// from a CUDA graph, where the host cannot sync, or one under fastbert.assume_valid_ids) gets
+// a message saying so.
 [[noreturn]] void raise_bad_id(const EmbeddingArgs& a, int64_t token, int kind);
+
+// This thread's switch for the CUDA forward's id check (one device-to-host copy and a stream
+// sync per call); on by default, off under fastbert.assume_valid_ids(), whose caller checked
+// the ids on the host. The kernels never read a bad row either way and still record it.
+bool& sync_id_check();
 
 }  // namespace fastbert

@@ -4,8 +4,9 @@
 // Out-of-range ids: the forward kernel never reads a bad row; it records the first bad token
 // in a small per-device buffer, and the host copies that word back (one 8-byte copy and a
 // stream sync per forward) and raises a ValueError naming the value. Inside CUDA graph
-// capture a sync is illegal, so the record stays in the buffer and the next eager call on the
-// device raises instead.
+// capture a sync is illegal, and under fastbert.assume_valid_ids() (sync_id_check() off) the
+// caller has checked the ids on the host: the record stays in the buffer and the next checked
+// call on the device raises instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fwd_cuda(
   o.err = slot.dev;
   const bool aligned = aligned16({&a.word, &a.pos, &a.type, &out, &a.gamma, &beta});
   const Dropout d = dropout(a, seed);
-  if (capture != cudaStreamCaptureStatusNone) {
+  if (capture != cudaStreamCaptureStatusNone || !sync_id_check()) {
     dispatch(a.word.scalar_type(), [&](auto z) {
       using T = decltype(z);
       check_cuda(cuda::launch_embedding_fwd<T>(tables<T>(a), o, d, aligned, stream));

@@ -2,7 +2,7 @@
 embedding kernel, behind Hugging Face's BERT API."""
 
 from . import functional
-from .backend import get_backend, set_backend, use_backend
+from .backend import assume_valid_ids, get_backend, set_backend, use_backend
 from .config import BertConfig
 from .cuda_graphs import CUDAGraphRunner
 from .heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentencePrediction, BertForPreTraining,
@@ -18,5 +18,5 @@ __all__ = [
     "BertConfig", "BertModel", "BertPreTrainedModel", "BertForPreTraining", "BertForMaskedLM",
     "BertForNextSentencePrediction", "BertForSequenceClassification", "BertForTokenClassification",
     "BertForQuestionAnswering", "BertForMultipleChoice", "CheckpointError", "functional",
-    "CUDAGraphRunner", "get_backend", "set_backend", "use_backend", "BertTokenizer", "optimize",
+    "CUDAGraphRunner", "get_backend", "set_backend", "use_backend", "assume_valid_ids", "BertTokenizer", "optimize",
 ]

@@ -50,6 +50,31 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+@contextlib.contextmanager
+def assume_valid_ids() -> Iterator[None]:
+    """Inside the block, the fused CUDA embedding does not synchronize to check its ids.
+
+    By default every forward of the CUDA embedding copies one word back from the GPU and
+    waits for it, so that an id out of range raises a ValueError at once; the wait keeps the
+    host from queueing work ahead of the GPU. Use this block where the ids were checked on
+    the host (``fastbert.training.Trainer`` checks every batch before moving it). An id out of
+    range is still never read: its token's output is zeros, and the next checked call on that
+    device raises. Applies to the calling thread; the eager reference (no CUDA extension)
+    checks its ids either way.
+    """
+    try:
+        from fastbert import _C
+        setter = _C.set_sync_id_check
+    except (ImportError, AttributeError):  # no extension: the reference runs, and checks
+        yield
+        return
+    previous = setter(False)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

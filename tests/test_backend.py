@@ -284,3 +284,33 @@ def test_a_new_token_count_compiles_no_new_kernel(monkeypatch, case):
             differ = sorted({(name, a[0], a[1], b[1]) for name, key in got for name2, key2 in reference_keys
                              if name == name2 for a, b in zip(key, key2) if a[0] == b[0] and a != b})
             assert got == reference_keys, f"{case}: {tokens} tokens would compile other kernels than 64: {differ}"
+
+
+def test_assume_valid_ids_switches_this_thread_and_restores():
+    """fastbert.assume_valid_ids() turns the CUDA embedding's synchronous id check off for the
+    calling thread only, and back on after the block, also after an exception."""
+    import threading
+
+    from fastbert import _C
+
+    def check_on() -> bool:
+        previous = _C.set_sync_id_check(True)
+        _C.set_sync_id_check(previous)
+        return previous
+
+    assert check_on()
+    with fastbert.assume_valid_ids():
+        assert not check_on()
+        other = []
+        thread = threading.Thread(target=lambda: other.append(check_on()))
+        thread.start()
+        thread.join()
+        assert other == [True]  # another thread still checks
+        with fastbert.assume_valid_ids():
+            assert not check_on()
+        assert not check_on()
+    assert check_on()
+    with pytest.raises(RuntimeError, match="boom"):
+        with fastbert.assume_valid_ids():
+            raise RuntimeError("boom")
+    assert check_on()

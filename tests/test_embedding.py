@@ -475,6 +475,25 @@ def test_gpu_opcheck_and_cuda_graph():
 
 
 @gpu
+def test_gpu_assume_valid_ids_defers_the_check():
+    """Under fastbert.assume_valid_ids() the forward does not wait for the id check: a bad id
+    is never read (its token's output is zeros) and the next checked call raises."""
+    _cuda_kernels()
+    ids, tables = make((2, 9), 64, device="cuda")
+    word, pos, tt = ids
+    bad = word.clone()
+    bad[1, 3] = 53
+    with fastbert.assume_valid_ids():
+        out = fb.embedding(bad, tt, pos, *tables, EPS)
+        good = fb.embedding(word, tt, pos, *tables, EPS)  # inside the block nothing raises
+    assert (out[1, 3] == 0).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(good, reference.embedding(word, tt, pos, *tables, EPS), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="did not check its ids"):
+        fb.embedding(word, tt, pos, *tables, EPS)
+    fb.embedding(word, tt, pos, *tables, EPS)  # the record is cleared
+
+
+@gpu
 def test_gpu_sanitizer_short():
     """Small fwd+bwd with dropout, odd and aligned widths, and a bad id: for
     ``compute-sanitizer --tool memcheck python -m pytest tests/test_embedding.py -k sanitizer``."""

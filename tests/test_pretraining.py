@@ -249,3 +249,40 @@ def test_cli_checkpoint_loads_in_transformers(tmp_path, tokenizer):
         torch.testing.assert_close(ours(**enc).prediction_logits, hf(**enc).prediction_logits, rtol=1e-4, atol=1e-4)
     assert main(["pretrain", "--tokenizer", str(tmp_path / "tok"), "--corpus", str(tmp_path / "missing.txt"),
                  "--output-dir", str(out), "--no-progress"]) == 2
+
+
+def test_the_trainers_host_packing_matches_the_models_own(tokenizer, dataset):
+    """The trainer packs each padded batch from its host mask (no device read) and runs the
+    model on that layout: loss and every gradient equal the model unpadding by itself."""
+    from types import SimpleNamespace
+
+    from fastbert import assume_valid_ids
+    from fastbert.cuda_graphs import capture_layout
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(_tiny_config(len(tokenizer), dropout=0.0))
+    batch = MLMCollator(tokenizer)([dataset[i] for i in range(8)])
+    assert not batch["attention_mask"].all(), "the batch should have padding"
+    objective = PreTrainingObjective(model)
+    args = [batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")]
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = objective(*args)
+    expected_grads = torch.autograd.grad(sum(expected), params)
+    packing = Trainer._packing(SimpleNamespace(device=torch.device("cpu")), batch["attention_mask"])
+    assert packing.total == int(batch["attention_mask"].sum())
+    with capture_layout(model, packing), assume_valid_ids():
+        got = objective(*args)
+    got_grads = torch.autograd.grad(sum(got), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_trainer_checks_ids_against_the_model(tmp_path, tokenizer, dataset):
+    """Ids are checked on the host, against the model (whose vocabulary may be smaller than
+    the tokenizer's), before the forward runs without its device-side check."""
+    small = _tiny_config(len(tokenizer) // 2)
+    trainer = _trainer(tmp_path, tokenizer, dataset, small, max_steps=2, batch_size=8)
+    with pytest.raises(ValueError, match=rf"input_ids contains \d+, outside the model's range \[0, {len(tokenizer) // 2}\)"):
+        trainer.train()

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..backend import assume_valid_ids
+from ..cuda_graphs import capture_layout
+from ..padding import Packing, unpad_mask
 from ..pretrained import read_state_dict
 
 TRAINER_STATE = "trainer_state.pt"
@@ -200,9 +203,11 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------
     def _train_step(self, micro: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        # Nothing in a step reads the GPU back: counts, ids and the packing of the real tokens
+        # are worked out on the host, where the batches come from, and copied without waiting.
         local = torch.tensor([float(sum(int((m["labels"] != -100).sum()) for m in micro)),
-                              float(sum(len(m["next_sentence_label"]) for m in micro))], device=self.device)
-        counts = local.clone()  # masked tokens and sequences of the whole step
+                              float(sum(len(m["next_sentence_label"]) for m in micro))])
+        counts = local.to(self.device, non_blocking=True)  # masked tokens and sequences of the whole step
         if self.world_size > 1:
             dist.all_reduce(counts)
         # DDP averages gradients over processes; scaling by the world size makes the result
@@ -210,13 +215,18 @@ class Trainer:
         scale = self.world_size / counts.clamp(min=1)
         logged = torch.zeros(3, device=self.device)
         for k, batch in enumerate(micro):
-            batch = dict(batch, masked=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))  # on the host
+            self._check_ids(batch)
+            mask = batch["attention_mask"]
+            padded = not bool(mask.all())
+            layout = capture_layout(self.model, self._packing(mask)) if padded else contextlib.nullcontext()
+            batch = dict(batch, masked=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = k == len(micro) - 1
             sync = self.objective.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
+            with sync, layout, assume_valid_ids():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    mlm, nsp = self.objective(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                    mlm, nsp = self.objective(batch["input_ids"], batch["token_type_ids"],
+                                              batch["attention_mask"] if padded else None,
                                               batch["labels"], batch["next_sentence_label"], batch["masked"])
                 (mlm * scale[0] + nsp * scale[1]).backward()
             logged += torch.stack([mlm.detach() / counts[0].clamp(min=1), nsp.detach() / counts[1].clamp(min=1),
@@ -227,6 +237,26 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.cat([logged, local])
+
+    def _check_ids(self, batch: Dict[str, torch.Tensor]) -> None:
+        """The checks the embedding would make on the GPU, made on the host batch (so the
+        forward can skip them: :func:`fastbert.assume_valid_ids`)."""
+        config = self.model.config
+        ids = batch["input_ids"]
+        if ids.shape[-1] > config.max_position_embeddings:
+            raise ValueError(f"sequence length {ids.shape[-1]} is longer than max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        for name, t, rows in (("input_ids", ids, config.vocab_size),
+                              ("token_type_ids", batch.get("token_type_ids"), config.type_vocab_size)):
+            if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= rows):
+                bad = int(t[(t < 0) | (t >= rows)][0])
+                raise ValueError(f"{name} contains {bad}, outside the model's range [0, {rows})")
+
+    def _packing(self, mask: torch.Tensor) -> Packing:
+        """The packing of a padded batch's real tokens, from its host mask, on the device."""
+        p = unpad_mask(mask)
+        return Packing(p.indices.to(self.device, non_blocking=True), p.cu_seqlens.to(self.device, non_blocking=True),
+                       p.max_seqlen, p.batch, p.seqlen)
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, resume_from: Optional[str] = None) -> List[Dict]:
