@@ -265,8 +265,9 @@ def run_suite(quick: bool, dtype: torch.dtype, device: str, workloads: Optional[
         names, notes = impls_for(w, device, quick, compile_, impls)
         suite.notes += notes
         pairs += [(w, i) for i in names]
-    # Eager pairs first in workload order, then compiled ones by priority.
-    pairs.sort(key=lambda p: (p[1] in C.COMPILED, C.COMPILED.index(p[1]) if p[1] in C.COMPILED else 0))
+    # Eager pairs first in workload order, then compiled ones by priority, then the pre-training
+    # runs (the slowest: a time limit cuts them before the compiled competitors).
+    pairs.sort(key=lambda p: (p[0].pretrain, p[1] in C.COMPILED, C.COMPILED.index(p[1]) if p[1] in C.COMPILED else 0))
     for w, impl in pairs:
         label = f"{w.title} / {impl}"
         if deadline is not None and time.monotonic() > deadline:

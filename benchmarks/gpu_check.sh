@@ -79,7 +79,7 @@ EOF
 # 2. The quick benchmark; it stops starting new measurements before its limit and writes
 #    its report as it goes, so a cut leaves every finished number.
 LEFT=$((TOTAL - SECONDS - 200))
-BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-260} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-260}))
+BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-300} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-300}))
 MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
 step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
 
