@@ -207,7 +207,8 @@ class Trainer:
         # are worked out on the host, where the batches come from, and copied without waiting.
         local = torch.tensor([float(sum(int((m["labels"] != -100).sum()) for m in micro)),
                               float(sum(len(m["next_sentence_label"]) for m in micro))])
-        counts = local.to(self.device, non_blocking=True)  # masked tokens and sequences of the whole step
+        local = local.to(self.device, non_blocking=True)
+        counts = local.clone()  # masked tokens and sequences of the whole step
         if self.world_size > 1:
             dist.all_reduce(counts)
         # DDP averages gradients over processes; scaling by the world size makes the result
