@@ -255,7 +255,8 @@ def run_suite(quick: bool, dtype: torch.dtype, device: str, workloads: Optional[
         return suite
     if not str(device).startswith("cuda"):
         dtype = torch.float32
-        suite.notes.append("CPU: the model runs in fp32; fastbert runs its C++ embedding op and eager PyTorch for the rest")
+        suite.notes.append("CPU: the model runs in fp32; fastbert runs its C++ embedding op, attention through "
+                           "scaled_dot_product_attention and eager PyTorch for the rest")
     suite.ceilings = measure_ceilings(device, dtype, quick, tiny_sizes, chosen)
     tkw = timing(device, quick, tiny_sizes)
     cache = C.ModelCache(device)

@@ -87,7 +87,12 @@ def ops_on_device(device: str) -> Dict[str, str]:
     for name, op in ops.OPS.items():
         try:
             fn = ops.implementation(name, torch.device(device))
-            out[name] = "reference (eager PyTorch)" if fn is op.reference else f"kernel ({op.kernel})"
+            if fn is op.reference:
+                out[name] = "reference (eager PyTorch)"
+            elif fn is op.cpu:
+                out[name] = f"CPU composition (fastbert.cpu.{name})"
+            else:
+                out[name] = f"kernel ({op.kernel})"
         except Exception as exc:  # the backend refuses: say why
             out[name] = f"unavailable ({exc})"
     return out

@@ -1,9 +1,10 @@
 """The op registry and the one place that picks an implementation.
 
 Every op has an eager reference (``fastbert.reference``) and a kernel (``fastbert.kernels``,
-Triton, or the C++/CUDA extension for the embedding). :func:`implementation` returns the
-one to run for a device under the current backend (``fastbert.backend``). Nothing else in
-fastbert imports a kernel module.
+Triton, or the C++/CUDA extension for the embedding); an op may also have a faster CPU
+composition of PyTorch ops (``fastbert.cpu``) that the "auto" backend runs on CPU tensors.
+:func:`implementation` returns the one to run for a device under the current backend
+(``fastbert.backend``). Nothing else in fastbert imports a kernel module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import cpu, reference
 from .backend import get_backend, triton_interpreted
 
 
@@ -24,6 +25,7 @@ class Op:
     reference: Callable
     kernel: str  # "module:function" of fastbert's own implementation
     native_cpu: bool = False  # the kernel has a compiled CPU implementation (not the interpreter)
+    cpu: Optional[Callable] = None  # what "auto" runs on CPU tensors instead of the reference (fastbert.cpu)
 
 
 OPS: Dict[str, Op] = {
@@ -33,7 +35,7 @@ OPS: Dict[str, Op] = {
         Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
         Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
-        Op("attention", reference.attention, "fastbert.kernels.attention:attention"),
+        Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
     )
 }
 
@@ -79,7 +81,11 @@ def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> C
     runs_here = device.type == "cuda" or op.native_cpu
     if backend == "auto":
         # The kernels compute in fp32: float64 keeps its precision through the reference.
-        return kernel if kernel is not None and runs_here and not fp64 else op.reference
+        if kernel is not None and runs_here and not fp64:
+            return kernel
+        if device.type == "cpu" and op.cpu is not None:
+            return op.cpu
+        return op.reference
     # backend == "triton": fastbert's own kernel or a clear error.
     if kernel is None:
         raise RuntimeError(f"fastbert: the {op.name} kernel is unavailable ({why}); use the 'auto' or 'eager' backend")

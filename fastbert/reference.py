@@ -82,12 +82,31 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     each sequence starts. A query with no real key gets zeros, as do rows after the last
     sequence (the spare tokens of a CUDA-graph bucket; the kernel leaves them unwritten).
     """
+    return attention_by(_attention_padded, q, k, v, attention_mask, cu_seqlens, scale, dropout_p)
+
+
+def attention_by(padded, q, k, v, attention_mask, cu_seqlens, scale, dropout_p):
+    """:func:`attention` through ``padded(q, k, v, keep, scale, dropout_p)``, which takes the
+    padded layout and a (B, S_k) boolean key mask (or None). The packed layout is laid out in
+    a (batch, longest) grid with a key mask, one batched call rather than one per sequence,
+    and the real rows are taken back out."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:
         keep = None if attention_mask is None else attention_mask.bool()
-        return _attention_padded(q, k, v, keep, scale, dropout_p)
+        return padded(q, k, v, keep, scale, dropout_p)
     bounds = cu_seqlens.tolist()
-    out = [_attention_padded(q[a:b][None], k[a:b][None], v[a:b][None], None, scale, dropout_p)[0]
-           for a, b in zip(bounds[:-1], bounds[1:])]
-    out.append(q.new_zeros((q.shape[0] - bounds[-1], *q.shape[1:-1], v.shape[-1])))
-    return torch.cat(out)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    batch, longest, total = len(lengths), max(lengths, default=0), bounds[-1]
+    spare = q.new_zeros((q.shape[0] - total, *q.shape[1:-1], v.shape[-1]))
+    if batch == 0 or longest == 0:
+        return torch.cat([q.new_zeros((total, *q.shape[1:-1], v.shape[-1])), spare])
+    seq = torch.repeat_interleave(torch.arange(batch), torch.tensor(lengths))
+    slots = (seq * longest + torch.arange(total) - torch.tensor(bounds[:-1])[seq]).to(q.device)
+
+    def grid(x):  # (total, ...) -> (batch, longest, ...), zeros in the padding
+        rows = x.new_zeros((batch * longest, *x.shape[1:])).index_copy(0, slots, x[:total])
+        return rows.view(batch, longest, *x.shape[1:])
+
+    keep = torch.zeros(batch * longest, dtype=torch.bool, device=q.device).index_fill(0, slots, True)
+    out = padded(grid(q), grid(k), grid(v), keep.view(batch, longest), scale, dropout_p)
+    return torch.cat([out.flatten(0, 1).index_select(0, slots), spare])

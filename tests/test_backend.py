@@ -75,11 +75,14 @@ def test_eager_always_gives_the_reference():
     assert ops.OPS["attention"].reference is reference.attention
 
 
-def test_auto_on_cpu_uses_the_reference_for_triton_ops():
+def test_auto_on_cpu_uses_the_reference_or_the_cpu_composition_for_triton_ops():
+    from fastbert import cpu
+
     for name, op in ops.OPS.items():
         fn = ops.implementation(name, torch.device("cpu"))
         if not op.native_cpu:
-            assert fn is op.reference, name
+            assert fn is (op.cpu or op.reference), name
+    assert ops.OPS["attention"].cpu is cpu.attention
 
 
 def test_model_agrees_across_backends():
