@@ -390,10 +390,7 @@ class BertModel(BertPreTrainedModel):
         if key_mask is not None and getattr(self, "static_packing", None) is not None:
             packing, key_mask = self._checked_static_packing(batch, seqlen), None
         elif key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
-            packing = unpad_mask(key_mask)
-            key_mask = None
-            if packing.total == batch * seqlen:
-                packing = None  # no padding: no gather, no scatter
+            packing, key_mask = unpad_mask(key_mask), None  # None without padding: no gather, no scatter
         if packing is not None:
             ids = [None if t is None else unpad(t, packing) for t in (input_ids, token_type_ids, position_ids, inputs_embeds)]
             hidden = self.embeddings(*ids)

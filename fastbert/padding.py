@@ -13,6 +13,7 @@ positions, so they never touch a real or a padded position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,12 +34,15 @@ class Packing:
         return self.indices.numel()
 
 
-def unpad_mask(attention_mask: torch.Tensor) -> Packing:
-    """The packing of a (B, S) mask with nonzero entries at real tokens (in any order)."""
+def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
+    """The packing of a (B, S) mask with nonzero entries at real tokens (in any order), or
+    None when every token is real (nothing to gather or scatter)."""
     batch, seqlen = attention_mask.shape
     keep = attention_mask.reshape(-1) != 0
     lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
     host = lengths.tolist()  # the one read from the device; everything below is sized by it
+    if sum(host) == batch * seqlen:
+        return None
     indices = nonzero(keep, sum(host))
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     longest = max(host, default=0)
