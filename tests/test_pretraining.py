@@ -268,8 +268,10 @@ def test_the_trainers_host_packing_matches_the_models_own(tokenizer, dataset):
     params = [p for p in model.parameters() if p.requires_grad]
     expected = objective(*args)
     expected_grads = torch.autograd.grad(sum(expected), params)
-    packing = Trainer._packing(SimpleNamespace(device=torch.device("cpu")), batch["attention_mask"])
+    host = SimpleNamespace(device=torch.device("cpu"))
+    packing = Trainer._packing(host, batch["attention_mask"])
     assert packing.total == int(batch["attention_mask"].sum())
+    assert Trainer._packing(host, torch.ones_like(batch["attention_mask"])) is None  # no padding, no packing
     with capture_layout(model, packing), assume_valid_ids():
         got = objective(*args)
     got_grads = torch.autograd.grad(sum(got), params)

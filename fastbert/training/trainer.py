@@ -217,9 +217,9 @@ class Trainer:
         logged = torch.zeros(3, device=self.device)
         for k, batch in enumerate(micro):
             self._check_ids(batch)
-            mask = batch["attention_mask"]
-            padded = not bool(mask.all())
-            layout = capture_layout(self.model, self._packing(mask)) if padded else contextlib.nullcontext()
+            packing = self._packing(batch["attention_mask"])
+            padded = packing is not None
+            layout = capture_layout(self.model, packing) if padded else contextlib.nullcontext()
             batch = dict(batch, masked=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             last = k == len(micro) - 1
@@ -253,9 +253,12 @@ class Trainer:
                 bad = int(t[(t < 0) | (t >= rows)][0])
                 raise ValueError(f"{name} contains {bad}, outside the model's range [0, {rows})")
 
-    def _packing(self, mask: torch.Tensor) -> Packing:
-        """The packing of a padded batch's real tokens, from its host mask, on the device."""
+    def _packing(self, mask: torch.Tensor) -> Optional[Packing]:
+        """The packing of a batch's real tokens, from its host mask, on the device; None
+        without padding."""
         p = unpad_mask(mask)
+        if p is None:
+            return None
         return Packing(p.indices.to(self.device, non_blocking=True), p.cu_seqlens.to(self.device, non_blocking=True),
                        p.max_seqlen, p.batch, p.seqlen)
 
