@@ -222,7 +222,7 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     launch(_attn_fwd, (cdiv(seqlen_q, cfg.block_m), batch * heads),
-        q, k, v, out, lse if store_lse else out, mask if has_mask else q, cu_seqlens if packed else q,
+        q, k, v, out, lse if store_lse else q, mask if has_mask else q, cu_seqlens if packed else q,
         seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(out, packed)[:3],
         *(mask.stride() if has_mask else (0, 0)), rows, 0 if packed else seqlen_q,

@@ -147,9 +147,9 @@ def _add_layernorm_bwd(
 @triton.jit(do_not_specialize=["G"])
 def _sum_partials(
     PART,  # (K, G, N) fp32 partial sums, one row per program of the main kernel
-    O0, O1, O2,  # (N,) the K <= 3 sums, each in its own dtype
+    O0, O1, O2,  # (N,) the K <= 3 sums, each in its own dtype; an unused one is PART
     G, N,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     k = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,12 +160,15 @@ def _sum_partials(
         ok = (gs < G)[:, None] & col_ok[None, :]
         acc += tl.load(PART + (k * G + gs)[:, None].to(tl.int64) * N + cols[None, :], mask=ok, other=0.0)
     total = tl.sum(acc, axis=0)
+    # K is a constexpr so that a kernel for fewer sums has no store to the unused pointers.
     if k == 0:
         tl.store(O0 + cols, total.to(O0.dtype.element_ty), mask=col_ok)
-    elif k == 1:
-        tl.store(O1 + cols, total.to(O1.dtype.element_ty), mask=col_ok)
-    else:
-        tl.store(O2 + cols, total.to(O2.dtype.element_ty), mask=col_ok)
+    if K > 1:
+        if k == 1:
+            tl.store(O1 + cols, total.to(O1.dtype.element_ty), mask=col_ok)
+    if K > 2:
+        if k == 2:
+            tl.store(O2 + cols, total.to(O2.dtype.element_ty), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,14 +220,18 @@ _row_config_cached = functools.lru_cache(maxsize=None)(_row_config)
 
 
 def sum_partials(part: torch.Tensor, outs) -> None:
-    """outs[k] = part[k].sum(0), in each output's dtype; part is (K, G, N) fp32."""
+    """outs[k] = part[k].sum(0), in each output's dtype; part is (K, G, N) fp32.
+
+    No tensor a launch writes may be passed twice (tests/test_launches.py): torch.compile
+    gives each written argument its own copy, and the copy of an unwritten alias would
+    replace the results. The pointers of sums not asked for are ``part``, which is read only."""
     k, g, n = part.shape
-    outs = list(outs) + [outs[0]] * (3 - len(outs))
+    outs = list(outs) + [part] * (3 - len(outs))
     block_n = 64 if n >= 2048 else 32
     if interpreted(_sum_partials):  # the interpreter pays per program, not per element
         block_n = min(next_pow2(n), 1024)
     launch(_sum_partials, (cdiv(n, block_n), k),
-           part, outs[0], outs[1], outs[2], g, n, BLOCK_G=64, BLOCK_N=block_n, num_warps=4)
+           part, outs[0], outs[1], outs[2], g, n, K=k, BLOCK_G=64, BLOCK_N=block_n, num_warps=4)
 
 
 def check_inputs(op: str, n: int, *tensors: Optional[torch.Tensor]) -> None:
@@ -299,7 +306,7 @@ def _launch_forward(x, residual, weight, bias, eps, x_bias, dropout_p, seed, sta
     block_m, block_n, num_warps = row_config(n, x.device, FWD_TILE, FWD_PER_WARP)
     launch(_add_layernorm_fwd, (cdiv(m, block_m),),
            x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), y,
-        mean if stats else y, rstd if stats else y, x2 if seed is None else seed, m, n, eps, dropout_p,
+        mean if stats else x2, rstd if stats else x2, x2 if seed is None else seed, m, n, eps, dropout_p,
         1.0 / (1.0 - dropout_p), BLOCK_M=block_m, BLOCK_N=block_n, HAS_XBIAS=x_bias is not None,
         DROPOUT=dropout_p > 0.0, STATS=stats, num_warps=num_warps)
     return y, mean, rstd
@@ -336,7 +343,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torc
     part = new_empty((k, grid, n), torch.float32, x.device)
     launch(_add_layernorm_bwd, (grid,),
            dy2, x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), mean, rstd,
-        x2 if seed is None else seed, dh, dx if store_dx else dh, part, m, n, rows_per_prog, dropout_p,
+        x2 if seed is None else seed, dh, dx if store_dx else x2, part, m, n, rows_per_prog, dropout_p,
         1.0 / (1.0 - dropout_p), BLOCK_M=block_m, BLOCK_N=block_n, HAS_XBIAS=x_bias is not None,
         DROPOUT=dropout_p > 0.0, STORE_DX=store_dx, num_warps=num_warps)
     sum_partials(part, [dw, db, dxb] if x_bias is not None else [dw, db])

@@ -97,9 +97,20 @@ def test_compiled_bert_model_matches(backend, fresh_dynamo):
 @backend_params()
 def test_compiled_classifier_loss_and_gradients(backend, fresh_dynamo):
     """Training through the compiled model: loss, logits and every parameter gradient."""
+    check_compiled_training(backend, "aot_eager")
+
+
+@pytest.mark.gpu
+def test_inductor_training_on_gpu(fresh_dynamo):
+    """Inductor's graphs of the forward and the backward, with every Triton launch
+    functionalized (each written argument copied, the copies written back)."""
+    check_compiled_training("auto", "inductor")
+
+
+def check_compiled_training(backend: str, compiler: str) -> None:
     fastbert.set_backend(backend)
     model = fastbert.BertForSequenceClassification(tiny_config()).to(DEVICE).train()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     ids, types, mask = inputs()
     labels = torch.tensor([0, 2, 1], device=DEVICE)
 

@@ -276,7 +276,7 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn, STATS=False), fwarps),
         (mod, "_add_layernorm_bwd", bwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn, STORE_DX=True), warps),
         (mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
-         {"BLOCK_G": 64, "BLOCK_N": 32}, 4),
+         {"K": 3, "BLOCK_G": 64, "BLOCK_N": 32}, 4),
     ], tmp_path)
 
 
