@@ -2,7 +2,7 @@
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
 # GPU tests, the host cost per op call (benchmarks/host.py), the launch-config sweep
-# (benchmarks/tune.py, with GPU_CHECK_TUNE=1), and the rest of the test suite on the GPU, each
+# (benchmarks/tune.py: the fused GEMM, every kernel with GPU_CHECK_TUNE=1), and the rest of the test suite on the GPU, each
 # with whatever time is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
@@ -140,13 +140,18 @@ grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | te
 step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model
 sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
-# 6. With GPU_CHECK_TUNE=1, the launch-config sweep with what time is left before the rest of
-#    the suite (its log goes to bench.log and its table to the summary; tune-<date>.json is the
-#    eighth file back). The shipped configs come from its H100 run (benchmarks/PERF.md).
+# 6. The launch-config sweep with what time is left before the rest of the suite: the fused
+#    GEMM's tiles (linear_gelu, not yet swept on a GPU) by default, every kernel with
+#    GPU_CHECK_TUNE=1 (its log goes to bench.log and its table to the summary; tune-<date>.json
+#    is the eighth file back). The row and attention configs come from the H100 sweep
+#    (benchmarks/PERF.md).
 TUNE_LEFT=$((TOTAL - SECONDS - 30))
-if [ "${GPU_CHECK_TUNE:-0}" = 1 ] && [ "$TUNE_LEFT" -ge 45 ]; then
-    TUNE_CAP=$((TUNE_LEFT < 180 ? TUNE_LEFT : 180))
-    step "tune" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune --out "$OUT" --max-seconds $((TUNE_CAP - 30))
+TUNE_OPS=gemm TUNE_MAX=90
+[ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_OPS=attention,rows,gemm TUNE_MAX=180
+if [ "$TUNE_LEFT" -ge 45 ]; then
+    TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
+    step "tune $TUNE_OPS" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune --ops "$TUNE_OPS" --out "$OUT" \
+        --max-seconds $((TUNE_CAP - 30))
     sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
 step "tests (rest, on GPU)" 150 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"

@@ -7,7 +7,8 @@ reference, and prints one table per case with the shipped choice marked.
 
 Each candidate replaces the kernel module's config function for the duration of its
 timing (``fwd_config``/``bwd_config`` of the attention, ``_tile`` of bias_gelu,
-``row_config`` of softmax_mask and add_layernorm), so the timed path is the op's own. Times
+``row_config`` of softmax_mask and add_layernorm, ``gemm_config`` of linear_gelu), so the
+timed path is the op's own. Times
 are ``do_bench_cudagraph`` medians (kernel time, no host cost); a candidate that fails to
 compile or run is listed with its error. Errors are ‖out − ref‖ / ‖ref‖ against the eager
 reference in fp32. ``--tiny`` runs toy shapes and two candidates per case (a check of this
@@ -38,6 +39,10 @@ ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (12
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)
 ATTN_BWD = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
             (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2)]
+# linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
+        (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4)]
 # Row kernels: elements per program and warps; BLOCK_N is the row (bias_gelu: at most 1024 columns).
 ROW_TILES = [1024, 2048, 4096, 8192, 16384]
 ROW_WARPS = [2, 4, 8, 16]
@@ -188,6 +193,26 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
     return cases
 
 
+def gemm_cases(device, dtype, tiny: bool) -> List[Case]:
+    """The fused GEMM + bias + GELU (inference) at BERT-base's and BERT-large's expansions."""
+    from fastbert.kernels import linear_gelu
+    g = torch.Generator(device="cpu").manual_seed(2)
+    cases = []
+    shapes = [(64, 48, 80)] if tiny else [(4096, 768, 3072), (4096, 1024, 4096)]
+    candidates = [("BM={} BN={} BK={} G={} w={} s={}".format(*c), linear_gelu, "gemm_config",
+                   lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (GEMM[:2] if tiny else GEMM)]
+    with torch.no_grad():
+        for m, k, n in shapes:
+            x = torch.randn(m, k, generator=g).to(device, dtype)
+            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
+            b = torch.randn(n, generator=g).to(device, dtype)
+            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, n, k))
+            cases.append(Case("linear_gelu fwd", f"{m}x{k}->{n}",
+                              triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
+                              reference.linear_gelu(x.float(), w.float(), b.float()), candidates, shipped))
+    return cases
+
+
 def measure(case: Case, device: str, tiny: bool, deadline: Optional[float] = None) -> List[Dict[str, object]]:
     rows = []
     for label, module, name, value in case.candidates:
@@ -234,7 +259,7 @@ def table(rows: Sequence[Dict[str, object]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbert.benchmarks.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", default="attention,rows", help="comma list of attention, rows (default both)")
+    p.add_argument("--ops", default="attention,rows,gemm", help="comma list of attention, rows, gemm (default all)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--out", default=None, help="folder for tune-<date>.json")
     p.add_argument("--tiny", action="store_true", help="toy shapes, two candidates per case (checks the script)")
@@ -250,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                               "bf16": torch.bfloat16}[args.dtype]
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    builders = {"attention": attention_cases, "rows": row_cases}
+    builders = {"attention": attention_cases, "rows": row_cases, "gemm": gemm_cases}
     unknown = [o for o in ops if o not in builders]
     if unknown:
         print(f"tune: unknown --ops {', '.join(unknown)}; choose from {', '.join(builders)}", file=sys.stderr)

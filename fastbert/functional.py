@@ -1,4 +1,4 @@
-"""fastbert's public functional API: the five fused ops.
+"""fastbert's public functional API: the fused ops.
 
 Each function checks its arguments, asks ``fastbert.ops`` for the implementation that fits
 the device and the backend, and calls it. The names and signatures are stable.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .ops import implementation
@@ -128,6 +129,35 @@ def bias_gelu(x, bias, approximate="none"):
     _check_vector(op, "bias", bias, x.shape[-1])
     _check_device(op, x, bias=bias)
     return implementation(op, x.device, x.dtype)(x, bias, approximate)
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    """gelu(x @ weight.T + bias), ``weight`` in nn.Linear's (out_features, in_features) layout.
+
+    One kernel (the GEMM with the bias and the GELU in its epilogue) where the backend selects
+    it, autocast is off and nothing needs a gradient; otherwise the
+    GEMM through ``F.linear`` (cuBLAS, autocast honoured), then :func:`bias_gelu`, whose
+    backward has the pre-activation it needs."""
+    op = "linear_gelu"
+    _check_float(op, x=x, weight=weight, bias=bias)
+    if approximate not in ("none", "tanh"):
+        _fail(op, f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if x.dim() == 0:
+        _fail(op, "x must have at least one dim")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        _fail(op, f"weight must have shape (out_features, {x.shape[-1]}) to match the last dim of x, "
+                  f"got {tuple(weight.shape)}")
+    _check_vector(op, "bias", bias, weight.shape[0])
+    _check_device(op, x, weight=weight, bias=bias)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if weight.dtype != x.dtype and not autocast:
+        _fail(op, f"weight is {weight.dtype} but x is {x.dtype} (outside autocast they must match, as in F.linear)")
+    fn = implementation(op, x.device, x.dtype)
+    if (fn is reference.linear_gelu or autocast
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))):
+        h = F.linear(x, weight)  # bias_gelu's checks hold: bias is (N,) and on x's device
+        return implementation("bias_gelu", h.device, h.dtype)(h, bias, approximate)
+    return fn(x, weight, bias, approximate)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BertConfig
-from .modeling import BertModel, activation
+from .modeling import BertModel, dense_activation
 from .outputs import (BertForPreTrainingOutput, MaskedLMOutput, MultipleChoiceModelOutput,
                       NextSentencePredictorOutput, QuestionAnsweringModelOutput,
                       SequenceClassifierOutput, TokenClassifierOutput)
@@ -29,8 +29,7 @@ class BertPredictionHeadTransform(nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, hidden_states):
-        h = activation(self.hidden_act, F.linear(hidden_states, self.dense.weight), self.dense.bias)
-        return self.LayerNorm(h)
+        return self.LayerNorm(dense_activation(self.hidden_act, hidden_states, self.dense))
 
 
 class BertLMPredictionHead(nn.Module):

@@ -32,16 +32,27 @@ from .pretrained import BertPreTrainedModel
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-def activation(hidden_act, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """act(x + bias), fused when the activation is a GELU."""
-    if hidden_act in ("gelu", "gelu_python"):
-        return fb.bias_gelu(x, bias, "none")
-    if hidden_act in _TANH_GELUS:
-        return fb.bias_gelu(x, bias, "tanh")
+def gelu_form(hidden_act) -> Optional[str]:
+    """The ``approximate`` argument of a GELU activation's name, None for other activations."""
+    if isinstance(hidden_act, str):
+        if hidden_act in ("gelu", "gelu_python"):
+            return "none"
+        if hidden_act in _TANH_GELUS:
+            return "tanh"
+    return None
+
+
+def dense_activation(hidden_act, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor:
+    """act(dense(x)): for a GELU, ``linear_gelu`` (the bias and the GELU fused after the GEMM,
+    or into it); otherwise the GEMM and then the activation."""
+    form = gelu_form(hidden_act)
+    if form is not None:
+        return fb.linear_gelu(x, dense.weight, dense.bias, form)
+    h = F.linear(x, dense.weight, dense.bias)
     if hidden_act == "relu":
-        return F.relu(x + bias)
+        return F.relu(h)
     if callable(hidden_act):
-        return hidden_act(x + bias)
+        return hidden_act(h)
     raise ValueError(f"unsupported hidden_act {hidden_act!r}")
 
 
@@ -154,7 +165,7 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    """The feed-forward expansion: GEMM, then bias and activation fused."""
+    """The feed-forward expansion: GEMM, bias and activation (fused for a GELU)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -162,7 +173,7 @@ class BertIntermediate(nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, hidden_states):
-        return activation(self.hidden_act, F.linear(hidden_states, self.dense.weight), self.dense.bias)
+        return dense_activation(self.hidden_act, hidden_states, self.dense)
 
 
 class BertOutput(BertSelfOutput):

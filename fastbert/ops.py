@@ -26,6 +26,9 @@ class Op:
     kernel: str  # "module:function" of fastbert's own implementation
     native_cpu: bool = False  # the kernel has a compiled CPU implementation (not the interpreter)
     cpu: Optional[Callable] = None  # what "auto" runs on CPU tensors instead of the reference (fastbert.cpu)
+    # "auto" runs the kernel on the GPU; False for a kernel that has yet to show it is faster
+    # than what the caller composes without it (the "triton" backend still selects it).
+    auto: bool = True
 
 
 OPS: Dict[str, Op] = {
@@ -34,6 +37,7 @@ OPS: Dict[str, Op] = {
         Op("embedding", reference.embedding, "fastbert.kernels.embedding:embedding", native_cpu=True),
         Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
         Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
+        Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
         Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
     )
@@ -81,7 +85,7 @@ def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> C
     runs_here = device.type == "cuda" or op.native_cpu
     if backend == "auto":
         # The kernels compute in fp32: float64 keeps its precision through the reference.
-        if kernel is not None and runs_here and not fp64:
+        if kernel is not None and runs_here and not fp64 and op.auto:
             return kernel
         if device.type == "cpu" and op.cpu is not None:
             return op.cpu

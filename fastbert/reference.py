@@ -1,4 +1,4 @@
-"""Eager PyTorch references for the five ops.
+"""Eager PyTorch references for the ops.
 
 Each computes in fp32 (fp64 for fp64 inputs) and returns the input dtype. They are the
 ground truth the kernels are tested against and the implementation on devices without a
@@ -44,6 +44,11 @@ def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
 def bias_gelu(x, bias, approximate="none"):
     """gelu(x + bias); approximate="none" is the exact erf form, "tanh" the tanh form."""
     return F.gelu(_acc(x) + _acc(bias), approximate=approximate).to(x.dtype)
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    """gelu(x @ weight.T + bias), the product and the GELU in the accumulation dtype."""
+    return F.gelu(F.linear(_acc(x), _acc(weight), _acc(bias)), approximate=approximate).to(x.dtype)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):

@@ -139,7 +139,7 @@ def test_op_suites_are_discovered_and_failures_named(monkeypatch):
 
 def test_stems_follow_the_op_registry():
     assert cli.op_stems() == {"embedding": "embedding", "layernorm": "add_layernorm", "gelu": "bias_gelu",
-                              "softmax": "softmax_mask", "attention": "attention"}
+                              "linear_gelu": "linear_gelu", "softmax": "softmax_mask", "attention": "attention"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -230,7 +230,7 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
     rows = json.loads(path.read_text())["rows"]
     cases = {(r["op"], r["shape"]) for r in rows}
     assert {op for op, _ in cases} == {"attention fwd", "attention bwd", "bias_gelu fwd", "add_layernorm fwd",
-                                       "softmax_mask fwd"}
+                                       "softmax_mask fwd", "linear_gelu fwd"}
     assert all("error" not in r and r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows), rows
     for case in cases:
         assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case
@@ -239,7 +239,8 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
 
 def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     """Compiled for sm_90 without a GPU: the row kernels load and store 16 bytes per access at
-    their BERT configs, and the attention's products are warpgroup MMAs (HGMMA)."""
+    their BERT configs, and the attention's and the fused GEMM's products are warpgroup MMAs
+    (HGMMA)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastbert.benchmarks.sass"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -250,6 +251,7 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     for name in ("add_layernorm fwd 4096x768", "bias_gelu fwd 4096x3072", "softmax_mask fwd 32x12x128x128"):
         assert "LDG.E.128" in rows[name] and "STG.E.128" in rows[name], rows[name]
     assert "HGMMA" in rows["attention fwd D=64 (BM=64 BN=64)"], rows
+    assert "HGMMA" in rows["linear_gelu fwd 4096x768->3072 (128x128x64)"], rows
 
 
 def test_host_cost_script_prints_every_op(capsys):

@@ -22,7 +22,7 @@ import fastbert.functional as fb
 from fastbert import ops
 from utils import DEVICE, randn
 
-KERNELS = ("add_layernorm", "bias_gelu", "softmax_mask", "attention")
+KERNELS = ("add_layernorm", "bias_gelu", "linear_gelu", "softmax_mask", "attention")
 
 
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,11 @@ def test_add_layernorm(launches, grad, x_bias, dropout):
 def test_bias_gelu(launches, grad, approximate):
     _run(lambda x, b: fb.bias_gelu(x, b, approximate), randn(7, 40), randn(40), grad=grad)
     assert ("_sum_partials" in launches) == grad
+
+
+def test_linear_gelu(launches):
+    _run(lambda x, w, b: fb.linear_gelu(x, w, b), randn(7, 24), randn(40, 24), randn(40), grad=False)
+    assert launches == ["_linear_gelu_fwd"]
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])

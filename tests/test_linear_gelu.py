@@ -1,0 +1,204 @@
+"""linear_gelu: the fused GEMM + bias + GELU kernel (inference) against the eager reference,
+and the routing of ``fastbert.functional.linear_gelu`` (gradients, autocast, mixed dtypes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from fastbert import functional as fb
+from fastbert import ops, reference
+from fastbert.kernels import layernorm as kernels
+from fastbert.kernels import linear_gelu as lg_kernels
+from test_layernorm import assert_compiles_for_hopper
+from utils import ATOL, CUDA, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
+
+APPROX = pytest.mark.parametrize("approximate", ["none", "tanh"])
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(kernels, "DEBUG_FILL_NAN", True)
+
+
+def inputs(lead, k, n, dtype, device=DEVICE):
+    x = randn(*lead, k, scale=2.0).to(dtype)
+    w = randn(n, k, scale=max(k, 1) ** -0.5 * 2).to(dtype)
+    b = randn(n).to(dtype)
+    return x, w, b
+
+
+def check_parity(lead, k, n, approximate, dtype):
+    x, w, b = inputs(lead, k, n, dtype)
+    with torch.no_grad(), fastbert.use_backend("triton"):
+        out = fb.linear_gelu(x, w, b, approximate)
+    same = reference.linear_gelu(x, w, b, approximate) if dtype == torch.float32 else \
+        F.gelu(F.linear(x, w, b), approximate=approximate)  # PyTorch in the same dtype
+    ref = reference.linear_gelu(x.double(), w.double(), b.double(), approximate)
+    assert out.dtype == dtype and out.shape == (*lead, n)
+    assert_lowp_close(out, same, ref, ATOL[dtype] * max(1.0, k / 64))
+
+
+# ---------------------------------------------------------------------------------------
+# The kernel (the interpreter on the CPU, the GPU where there is one)
+# ---------------------------------------------------------------------------------------
+
+@dtype_params()
+@APPROX
+@pytest.mark.parametrize("lead,k,n", [((5,), 24, 40), ((33,), 40, 17), ((2, 7), 32, 96), ((1,), 16, 16),
+                                      ((70,), 48, 33)])
+def test_matches_reference(lead, k, n, approximate, dtype):
+    check_parity(lead, k, n, approximate, dtype)
+
+
+def test_strided_inputs_and_mixed_bias_dtype():
+    x, w, b = inputs((6,), 40, 24, torch.float16)
+    wide = randn(6, 80).half()
+    x = wide[:, ::2]  # non-contiguous rows
+    wt = randn(40, 24).half().t()  # a transposed weight (column-major)
+    with torch.no_grad(), fastbert.use_backend("triton"):
+        out = fb.linear_gelu(x, wt, b.float())
+    ref = reference.linear_gelu(x.double(), wt.double(), b.double())
+    same = F.gelu(F.linear(x, wt, b))
+    assert_lowp_close(out, same, ref, ATOL[torch.float16])
+
+
+def test_empty_shapes():
+    with torch.no_grad(), fastbert.use_backend("triton"):
+        x, w, b = inputs((0,), 16, 8, torch.float32)
+        assert fb.linear_gelu(x, w, b).shape == (0, 8)
+        x, w, b = inputs((3,), 0, 8, torch.float32)  # an empty product: gelu(bias)
+        torch.testing.assert_close(fb.linear_gelu(x, w, b), F.gelu(b).expand(3, 8))
+
+
+# ---------------------------------------------------------------------------------------
+# Routing: the kernel only where nothing needs a gradient
+# ---------------------------------------------------------------------------------------
+
+def _count_launches(monkeypatch):
+    calls = []
+    real = lg_kernels.launch
+    monkeypatch.setattr(lg_kernels, "launch", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    return calls
+
+
+def test_gradients_go_through_the_gemm_and_bias_gelu(monkeypatch):
+    launches = _count_launches(monkeypatch)
+    x, w, b = inputs((9,), 24, 40, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with fastbert.use_backend("triton"):
+        out = fb.linear_gelu(*leaves, "tanh")
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert not launches
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = reference.linear_gelu(*ref_leaves, "tanh")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_kernel_runs_without_grad_and_only_where_selected(monkeypatch):
+    launches = _count_launches(monkeypatch)
+    x, w, b = inputs((9,), 24, 40, torch.float32)
+    with fastbert.use_backend("triton"):
+        fb.linear_gelu(x, w, b)  # no input needs a gradient
+    assert len(launches) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastbert.use_backend("triton"):
+        y = fb.linear_gelu(x, w, b)  # autocast: the GEMM in bf16, as F.linear would
+    assert y.dtype == torch.bfloat16
+    with fastbert.use_backend("eager"):
+        fb.linear_gelu(x, w, b)
+    fb.linear_gelu(x, w, b)  # "auto" keeps cuBLAS + bias_gelu until the kernel is measured ahead
+    assert len(launches) == 1
+    assert ops.implementation("linear_gelu", torch.device("cuda")) is reference.linear_gelu
+
+
+def test_bad_arguments():
+    x, w, b = inputs((4,), 8, 6, torch.float32)
+    with pytest.raises(ValueError, match=r"linear_gelu: weight must have shape \(out_features, 8\)"):
+        fb.linear_gelu(x, w.t(), b)
+    with pytest.raises(ValueError, match=r"linear_gelu: bias must have shape \(6,\)"):
+        fb.linear_gelu(x, w, b[:5])
+    with pytest.raises(ValueError, match="linear_gelu: x must be float16, bfloat16, float32 or float64"):
+        fb.linear_gelu(x.long(), w, b)
+    with pytest.raises(ValueError, match="linear_gelu: weight is torch.float64 but x is torch.float32"):
+        fb.linear_gelu(x, w.double(), b)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        fb.linear_gelu(x, w, b, "erf")
+    with pytest.raises(ValueError, match="linear_gelu: x must have at least one dim"):
+        fb.linear_gelu(x[0, 0], w, b)
+    if CUDA:
+        with pytest.raises(ValueError, match="linear_gelu: weight is on cpu"):
+            fb.linear_gelu(x, w.cpu(), b)
+
+
+# ---------------------------------------------------------------------------------------
+# The op layer, and compiled for Hopper without a GPU
+# ---------------------------------------------------------------------------------------
+
+def test_opcheck():
+    x, w, b = inputs((3,), 16, 24, torch.float32)
+    torch.library.opcheck(torch.ops.fastbert.linear_gelu_fwd.default, (x, w, b, False))
+
+
+def test_torch_compile_fullgraph():
+    ops.load_kernel("linear_gelu")
+    x, w, b = inputs((5,), 16, 24, torch.float32)
+
+    def f(x):
+        return fb.linear_gelu(x, w, b) * 2
+
+    backend = "inductor" if CUDA else "aot_eager"
+    with torch.no_grad(), fastbert.use_backend("triton"):
+        compiled = torch.compile(f, fullgraph=True, backend=backend)(x)
+        eager = f(x)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_compiles_for_hopper(monkeypatch, tmp_path):
+    """Compiled for sm_90 and sm_80 without a GPU (see tests/test_layernorm.py), at the
+    shipped Hopper config, both GELU forms, fp16 and bf16, K a multiple of BLOCK_K or not."""
+    monkeypatch.setattr(lg_kernels, "_device_info", lambda device: (132, True))
+    cfg = lg_kernels.gemm_config(torch.device("cuda"), torch.float16, 3072, 768)
+    mod = "fastbert.kernels.linear_gelu"
+    specs = []
+    for dt, tanh, even in (("fp16", False, True), ("bf16", True, False)):
+        args = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+                "stride_xm": "i32", "stride_wn": "i32"}
+        specs.append((mod, "_linear_gelu_fwd", args,
+                      {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+                       "TANH": tanh, "EVEN_K": even, "IEEE": False}, cfg.num_warps))
+    assert_compiles_for_hopper(specs, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: BERT shapes, bf16, the model
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(4096, 768, 3072), (4096, 1024, 4096), (77, 768, 3072), (300, 768, 768)],
+                         ids=lambda s: "x".join(map(str, s)))
+@APPROX
+def test_gpu_matches_reference(shape, approximate, dtype):
+    m, k, n = shape
+    check_parity((m,), k, n, approximate, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_model_inference_with_the_fused_ffn():
+    """BertModel (fp16) with the fused expansion under "triton" against cuBLAS + bias_gelu
+    ("auto"): the same hidden states within fp16 rounding of the GELU's input."""
+    torch.manual_seed(0)
+    model = fastbert.BertModel(fastbert.BertConfig(num_hidden_layers=2)).to("cuda", torch.float16).eval()
+    ids = torch.randint(1, 30000, (4, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        with fastbert.use_backend("triton"):
+            got = model(ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=3e-2, rtol=1e-2)
