@@ -26,6 +26,9 @@ IMPLS = {
     "fastbert": ("fastbert", None),
     "fastbert-padded": ("fastbert", None),       # model.unpad = False: the kernels see the padding mask
     "fastbert+cudagraph": ("fastbert", "cudagraph"),
+    # The same graph captured under the "triton" backend: the feed-forward expansion as the
+    # fused GEMM + bias + GELU (linear_gelu), which "auto" does not take until measured ahead.
+    "fastbert+cudagraph+fused-ffn": ("fastbert", "cudagraph"),
     "hf-eager": ("hf-eager", None),
     "hf-sdpa": ("hf-sdpa", None),
     "native": ("native", None),                   # nn.TransformerEncoder fast path (nested tensors)
@@ -36,6 +39,7 @@ IMPLS = {
     "hf-sdpa+compile": ("hf-sdpa", "default"),
 }
 COMPILED = [k for k, (_, mode) in IMPLS.items() if mode not in (None, "cudagraph")]
+BACKENDS = {"fastbert+cudagraph+fused-ffn": "triton"}  # fastbert backend per impl; "auto" otherwise
 # A training step compiled with CUDA graphs (cudagraph trees record forward and backward) is
 # what a user beats host overhead with; the compiled ones run on a GPU, as for inference.
 TRAIN_IMPLS = ["fastbert", "hf-sdpa", "hf-eager", "hf-sdpa+compile-ro", "fastbert+compile-ro"]
@@ -205,18 +209,20 @@ def inference_call(impl: str, model: nn.Module, inputs) -> Callable[[], torch.Te
     return call
 
 
-def cudagraph_call(model: nn.Module, inputs) -> Callable[[], torch.Tensor]:
-    """fastbert's own CUDA-graph runner with one bucket, the workload's shape. Ids are not
-    range-checked on each call (that costs a device sync), as a server trusting its
-    tokenizer would run it. A workload with padding runs packed (one read of the mask's row
-    sums per call); one without runs the padded graph, which reads nothing."""
+def cudagraph_call(model: nn.Module, inputs, backend: str = "auto") -> Callable[[], torch.Tensor]:
+    """fastbert's own CUDA-graph runner with one bucket, the workload's shape, captured under
+    ``backend``. Ids are not range-checked on each call (that costs a device sync), as a
+    server trusting its tokenizer would run it. A workload with padding runs packed (one read
+    of the mask's row sums per call); one without runs the padded graph, which reads nothing."""
     ids, tt, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]
-    runner = fastbert.CUDAGraphRunner(model, batch_sizes=(ids.shape[0],), seq_lens=(ids.shape[1],), fallback=False,
-                                      check_inputs=False,
-                                      unpad=mask is not None and bool((mask == 0).any()))
+    with fastbert.use_backend(backend):
+        runner = fastbert.CUDAGraphRunner(model, batch_sizes=(ids.shape[0],), seq_lens=(ids.shape[1],),
+                                          fallback=False, check_inputs=False,
+                                          unpad=mask is not None and bool((mask == 0).any()))
 
     def call():
-        return runner(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        with fastbert.use_backend(backend):
+            return runner(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
     return call
 
 
