@@ -1,4 +1,4 @@
-"""Dropout inside the row-wise kernels, from Philox counters.
+"""Dropout inside the kernels (row-wise ops and attention), from Philox counters.
 
 The keep mask is a pure function of (seed, element index), so the backward kernels
 regenerate it instead of reading a stored mask: no extra tensor is written or read.

@@ -41,6 +41,7 @@ from fastbert import reference
 from fastbert.backend import triton_interpreted
 
 from ._direct import backward_impl, cdiv, launch, next_pow2, register_autograd
+from ._dropout import draw_seed
 from .attention_bwd import _dropout_keep, _seq_bounds, fit_stages, launch_backward, max_shared_mem, strides4
 
 MAX_HEAD_DIM = 256
@@ -301,12 +302,6 @@ _call = register_autograd(attention_fwd, _backward, _setup_context, infer=_infer
 # --------------------------------------------------------------------------- public entry points
 
 
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A dropout seed from torch's generator for ``device`` (a device tensor: no host sync,
-    and CUDA-graph capture records it like any other random op)."""
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
-
-
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
     """The fused kernel behind ``fastbert.functional.attention`` (arguments already checked there).
 
@@ -324,7 +319,7 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
         rows, cols = (max_seqlen, max_seqlen) if cu_seqlens is not None else (q.shape[1], k.shape[1])
         if rows * cols >= 2 ** 31:  # the Philox counter is the int32 query * S_k + key
             raise ValueError(f"fastbert.attention: dropout supports at most 2**31 scores per head, got {rows}x{cols}")
-    seed = draw_seed(q.device) if dropout_p > 0 else None
+    seed = draw_seed(float(dropout_p), q.device)
     out, _ = _call(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
     return out
 

@@ -261,7 +261,7 @@ def test_dropout_seed_comes_from_torch_generator():
         other = fb.attention(q, k, v, dropout_p=0.2)
         plain = fb.attention(q, k, v)
     torch.manual_seed(7)
-    explicit = kernel.attention_fwd(q, k, v, None, None, kernel.draw_seed(q.device), 37, 0.25, 0.2)[0]
+    explicit = kernel.attention_fwd(q, k, v, None, None, kernel.draw_seed(0.2, q.device), 37, 0.25, 0.2)[0]
     assert torch.equal(first, again) and torch.equal(first, explicit)
     assert not torch.equal(first, other) and not torch.equal(first, plain)
 
