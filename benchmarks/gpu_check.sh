@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
-# GPU tests, the host cost per op call (benchmarks/host.py), the launch-config sweep
+# GPU tests, the host cost per op call (benchmarks/host.py), the kernel time per forward
+# (benchmarks/kernel_profile.py), the launch-config sweep
 # (benchmarks/tune.py: the fused GEMM, every kernel with GPU_CHECK_TUNE=1), and the rest of the test suite on the GPU, each
 # with whatever time is left.
 #
@@ -139,6 +140,14 @@ grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | te
 #    on this machine's CPU, next to eager PyTorch.
 step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model
 sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+
+# 5b. Where a captured BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with
+#     the kernels "auto" picks and with every fastbert kernel (the fused feed-forward GEMM).
+for backend in auto triton; do
+    step "kernel profile ($backend)" 45 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile --graph \
+        --backend "$backend" --workloads base-b32-s128
+done
+sed -n '/^# BERT-base B=32 S=128, CUDA graph/,/^GPU idle/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
 # 6. The launch-config sweep with what time is left before the rest of the suite: the fused
 #    GEMM's tiles (linear_gelu, not yet swept on a GPU) by default, every kernel with

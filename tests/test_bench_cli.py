@@ -270,3 +270,20 @@ def test_host_cost_script_prints_every_op(capsys):
     section = out.split("# host ms per call")[1].split("\n\n")[0]
     models = [line.split() for line in section.splitlines()[2:]]
     assert models[0][0] == "fastbert" and all(float(v) > 0 for m in models for v in m[-2:]), models
+
+
+def test_kernel_profile_groups_and_prints(capsys):
+    """benchmarks/kernel_profile.py: library GEMMs grouped, fastbert's kernels by name, and a
+    table per workload (CPU operators under --tiny) with the wall time."""
+    from fastbert.benchmarks import kernel_profile as kp
+    assert kp.kernel_group("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "GEMM (cuBLAS)"
+    assert kp.kernel_group("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "GEMM (cuBLAS)"
+    assert kp.kernel_group("_attn_fwd") == "_attn_fwd"
+    assert kp.kernel_group("_linear_gelu_fwd") == "_linear_gelu_fwd"
+    assert kp.kernel_group("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(int)") \
+        == "void at::native::vectorized_elementwise_kernel"
+    assert kp.main(["--tiny", "--iters", "2", "--workloads", "base-b32-s512-varlen"]) == 0
+    out = capsys.readouterr().out
+    assert "lengths 32..512 [tiny], eager, backend auto" in out
+    assert "sum of operators" in out and "wall time per forward" in out
+    assert kp.main(["--workloads", "train-base-b32-s128", "--tiny"]) == 2
