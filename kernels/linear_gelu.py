@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._direct import _traced, cdiv
+from .attention_bwd import fit_stages, max_shared_mem
 from .gelu import _gelu_and_grad
 from .layernorm import _device_info, check_inputs, fastbert_op, launch, new_empty
 
@@ -88,15 +89,19 @@ class GemmConfig(NamedTuple):
 
 def gemm_config(device: torch.device, dtype: torch.dtype, n: int, k: int) -> GemmConfig:
     """Tile shapes: tiny under the interpreter; on Hopper 128×128 tiles over 64-deep K steps
-    with 8 warps (two warpgroups), on older GPUs 4 warps; fp32 halves the K step.
+    with 8 warps (two warpgroups), on older GPUs 32-deep steps and 4 warps; fp32 halves the K
+    step.
     ``benchmarks/tune.py`` sweeps the alternatives at BERT's shapes."""
     if device.type != "cuda":
         return GemmConfig(16, 32, 16, 4, 1, 1)
-    hopper = _device_info(device)[1]
-    block_k = 32 if dtype == torch.float32 else 64
-    if hopper:
-        return GemmConfig(128, 128, block_k, 8, 8, 3)
-    return GemmConfig(128, 128, 32, 8, 4, 3)
+    if _device_info(device)[1]:
+        cfg = GemmConfig(128, 128, 32 if dtype == torch.float32 else 64, 8, 8, 3)
+    else:
+        cfg = GemmConfig(128, 128, 32, 8, 4, 3)
+    # Each stage holds a (BLOCK_M + BLOCK_N) × BLOCK_K slice of x and weight: fewer stages
+    # where shared memory is smaller (consumer GPUs, fp32), never a config that cannot build.
+    per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * torch.finfo(dtype).bits // 8
+    return cfg._replace(num_stages=fit_stages(cfg.num_stages, 0, per_stage, max_shared_mem(device)))
 
 
 @fastbert_op("fastbert::linear_gelu_fwd", _linear_gelu_fwd)

@@ -161,7 +161,9 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     """Compiled for sm_90 and sm_80 without a GPU (see tests/test_layernorm.py), at the
     shipped Hopper config, both GELU forms, fp16 and bf16, K a multiple of BLOCK_K or not."""
     monkeypatch.setattr(lg_kernels, "_device_info", lambda device: (132, True))
+    monkeypatch.setattr(lg_kernels, "max_shared_mem", lambda device: 232448)  # an H100's opt-in limit
     cfg = lg_kernels.gemm_config(torch.device("cuda"), torch.float16, 3072, 768)
+    assert cfg == lg_kernels.GemmConfig(128, 128, 64, 8, 8, 3)
     mod = "fastbert.kernels.linear_gelu"
     specs = []
     for dt, tanh, even in (("fp16", False, True), ("bf16", True, False)):
@@ -171,6 +173,18 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
                       {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                        "TANH": tanh, "EVEN_K": even, "IEEE": False}, cfg.num_warps))
     assert_compiles_for_hopper(specs, tmp_path)
+
+
+def test_stages_fit_shared_memory(monkeypatch):
+    """Fewer pipeline stages where shared memory is small: 64 KB (a Turing GPU) holds one
+    stage of fp32 128×128×32 tiles; 99 KB (consumer Ampere) three of fp16, two of fp32."""
+    monkeypatch.setattr(lg_kernels, "_device_info", lambda device: (40, False))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(lg_kernels, "max_shared_mem", lambda device: 64 * 1024)
+    assert lg_kernels.gemm_config(cuda, torch.float32, 3072, 768).num_stages == 1
+    monkeypatch.setattr(lg_kernels, "max_shared_mem", lambda device: 99 * 1024)
+    assert lg_kernels.gemm_config(cuda, torch.float16, 3072, 768).num_stages == 3
+    assert lg_kernels.gemm_config(cuda, torch.float32, 3072, 768).num_stages == 2
 
 
 # ---------------------------------------------------------------------------------------
