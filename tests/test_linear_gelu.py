@@ -52,6 +52,20 @@ def test_matches_reference(lead, k, n, approximate, dtype):
     check_parity(lead, k, n, approximate, dtype)
 
 
+@dtype_params()
+def test_padded_rows(dtype):
+    """Rows of zeros (the padded positions of an unpacked batch) give gelu(bias) exactly as
+    the reference does; the rows around them are unaffected."""
+    x, w, b = inputs((4, 9), 40, 72, dtype)
+    x[1, 5:] = 0
+    x[3] = 0  # a fully padded sequence
+    with torch.no_grad(), fastbert.use_backend("triton"):
+        out = fb.linear_gelu(x, w, b)
+    ref = reference.linear_gelu(x.double(), w.double(), b.double())
+    assert_lowp_close(out, F.gelu(F.linear(x, w, b)), ref, ATOL[dtype] * 2)
+    torch.testing.assert_close(out[3], reference.bias_gelu(torch.zeros_like(out[3]), b), atol=ATOL[dtype], rtol=0)
+
+
 def test_strided_inputs_and_mixed_bias_dtype():
     x, w, b = inputs((6,), 40, 24, torch.float16)
     wide = randn(6, 80).half()
