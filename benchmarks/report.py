@@ -88,7 +88,7 @@ def ops_on_device(device: str) -> Dict[str, str]:
         try:
             fn = ops.implementation(name, torch.device(device))
             if fn is op.reference:
-                out[name] = "reference (eager PyTorch)"
+                out[name] = f"composed ({op.composed})" if op.composed else "reference (eager PyTorch)"
             elif fn is op.cpu:
                 out[name] = f"CPU composition (fastbert.cpu.{name})"
             else:

@@ -29,6 +29,9 @@ class Op:
     # "auto" runs the kernel on the GPU; False for a kernel that has yet to show it is faster
     # than what the caller composes without it (the "triton" backend still selects it).
     auto: bool = True
+    # Where fastbert.functional runs a composition of other ops instead of the reference (for
+    # reports): linear_gelu's F.linear, then bias_gelu.
+    composed: Optional[str] = None
 
 
 OPS: Dict[str, Op] = {
@@ -37,7 +40,8 @@ OPS: Dict[str, Op] = {
         Op("embedding", reference.embedding, "fastbert.kernels.embedding:embedding", native_cpu=True),
         Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
         Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
-        Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False),
+        Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False,
+           composed="F.linear, then bias_gelu"),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
         Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
     )
