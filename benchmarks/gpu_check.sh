@@ -116,9 +116,9 @@ print("embedding op under memcheck: ok")
 EOF
 if [ -n "$SAN" ]; then
     step "sanitizer embedding op" 90 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$SNIPPET"
-    if [ -f tests/test_embedding.py ] && grep -q "sanitizer" tests/test_embedding.py; then
-        step "sanitizer test_embedding" 60 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
-            $PY -m pytest tests/test_embedding.py -q -x -k sanitizer -p no:cacheprovider
+    if [ -f tests/test_embedding_cuda.py ] && grep -q "sanitizer" tests/test_embedding_cuda.py; then
+        step "sanitizer test_embedding_cuda" 60 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 \
+            --print-limit 20 $PY -m pytest tests/test_embedding_cuda.py -q -x -k sanitizer -p no:cacheprovider
     fi
     grep -E "ERROR SUMMARY" "$OUT/install.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 else
