@@ -1,4 +1,4 @@
-// Host-side pieces shared by the CPU (embedding.cpp) and CUDA (embedding_cuda.cu) ops:
+// Host-side pieces shared by the CPU (embedding_cpu.cpp) and CUDA (embedding_cuda.cu) ops:
 // argument checks, id views and the out-of-range error.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Fused BERT embedding: LayerNorm(word[ids] + position[pos] + token_type[tt]), then dropout.
 //
-// This header needs no torch headers: the CPU implementation (embedding.cpp) uses its
+// This header needs no torch headers: the CPU implementation (embedding_cpu.cpp) uses its
 // host/device helpers (id views, the Philox dropout stream), and with nvcc it also defines
 // the __global__ kernels and their launchers, which embedding_cuda.cu calls with raw
 // pointers. tests/nvcc_check.sh compiles it on machines without a GPU or a CUDA torch.
