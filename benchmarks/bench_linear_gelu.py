@@ -8,7 +8,12 @@ Forward only, each row on the same x (M × K) and W (N × K):
   fastbert's ``bias_gelu`` kernel;
 - "eager": ``F.gelu(F.linear(x, W, b))``;
 - "cublas": ``F.linear(x, W, b)`` alone, the GEMM with no activation: the time the fused
-  kernel would reach if its epilogue were free.
+  kernel would reach if its epilogue were free;
+- on a GPU, the tanh form both ways: "fastbert-tanh" (the fused kernel) and
+  "cublaslt-gelu-tanh", ``torch._addmm_activation(b, x, W.T, use_gelu=True)``, cuBLASLt's
+  GELU_BIAS epilogue. cuBLASLt's GELU is the tanh approximation (and that call is the exact
+  GELU on a CPU), so it can stand in only for models whose ``hidden_act`` is a tanh GELU,
+  not for BERT's erf.
 
 The "auto" backend takes the fused kernel (``Op.auto`` in ``fastbert/ops.py``) once these
 rows show it ahead of "cublas+bias_gelu" at BERT-base and BERT-large's shapes.
@@ -53,6 +58,10 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
         impls, leaves = setup(dtype, device, (m, k, n))
         if not on_gpu:
             impls = {"eager": impls["eager"]}
+        else:
+            x, w, b = leaves
+            impls["fastbert-tanh"] = triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b, "tanh"))
+            impls["cublaslt-gelu-tanh"] = lambda x=x, w=w, b=b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
         el = torch.empty((), dtype=dtype).element_size()
         nbytes = {"fwd": (m * k + n * k + n + m * n) * el}
         flops = 2.0 * m * n * k
