@@ -173,19 +173,21 @@ def test_torch_compile_fullgraph():
 
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """Compiled for sm_90 and sm_80 without a GPU (see tests/test_layernorm.py), at the
-    shipped Hopper config, both GELU forms, fp16 and bf16, K a multiple of BLOCK_K or not."""
+    shipped Hopper configs, both GELU forms, fp16, bf16 and fp32 (exact fp32 products), K a
+    multiple of BLOCK_K or not."""
     monkeypatch.setattr(lg_kernels, "_device_info", lambda device: (132, True))
     monkeypatch.setattr(lg_kernels, "max_shared_mem", lambda device: 232448)  # an H100's opt-in limit
     cfg = lg_kernels.gemm_config(torch.device("cuda"), torch.float16, 3072, 768)
     assert cfg == lg_kernels.GemmConfig(128, 128, 64, 8, 8, 3)
     mod = "fastbert.kernels.linear_gelu"
     specs = []
-    for dt, tanh, even in (("fp16", False, True), ("bf16", True, False)):
+    fp32 = lg_kernels.gemm_config(torch.device("cuda"), torch.float32, 3072, 768)
+    for dt, tanh, even, c in (("fp16", False, True, cfg), ("bf16", True, False, cfg), ("fp32", False, True, fp32)):
         args = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
                 "stride_xm": "i32", "stride_wn": "i32"}
         specs.append((mod, "_linear_gelu_fwd", args,
-                      {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-                       "TANH": tanh, "EVEN_K": even, "IEEE": False}, cfg.num_warps))
+                      {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m,
+                       "TANH": tanh, "EVEN_K": even, "IEEE": dt == "fp32"}, c.num_warps))
     assert_compiles_for_hopper(specs, tmp_path)
 
 
