@@ -142,8 +142,9 @@ step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200
 sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
 # 5b. Where a captured BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with
-#     the kernels "auto" picks and with every fastbert kernel (the fused feed-forward GEMM).
-for backend in auto triton; do
+#     the kernels "auto" picks (GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
+#     feed-forward GEMM's profile; the benchmark's fused-ffn rows time it end to end).
+for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
     step "kernel profile ($backend)" 45 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile --graph \
         --backend "$backend" --workloads base-b32-s128
 done
@@ -155,7 +156,7 @@ sed -n '/^# BERT-base B=32 S=128, CUDA graph/,/^GPU idle/p' "$OUT/bench.log" | t
 #    is the eighth file back). The row and attention configs come from the H100 sweep
 #    (benchmarks/PERF.md).
 TUNE_LEFT=$((TOTAL - SECONDS - 30))
-TUNE_OPS=gemm TUNE_MAX=90
+TUNE_OPS=gemm TUNE_MAX=75
 [ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_OPS=attention,rows,gemm TUNE_MAX=180
 if [ "$TUNE_LEFT" -ge 45 ]; then
     TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
