@@ -1,7 +1,8 @@
 """The feed-forward expansion for inference in one kernel: y = gelu(x @ weight.T + bias).
 
 cuBLAS followed by ``bias_gelu`` writes the (M, N) pre-activation and reads it back: at
-BERT-base's 4096 tokens × 3072, 50 MB of the ~75 MB the pair moves, and a second launch.
+BERT-base's 4096 tokens × 768 → 3072 in fp16, 50 MB of the 87 MB the pair moves (36 MB
+fused), and a second launch.
 Here the GEMM's fp32 accumulator gets the bias and the GELU (exact or tanh, the same code
 as ``bias_gelu``: ``gelu._gelu_and_grad``) in registers and only y is stored. GELU is also
 taken of the fp32 sum rather than of its fp16 rounding, so y is at least as accurate as
