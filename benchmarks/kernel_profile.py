@@ -39,11 +39,16 @@ def kernel_group(name: str) -> str:
     return re.split(r"[<(]", name, maxsplit=1)[0].strip()[:60]
 
 
-def _self_device_us(evt) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(evt, attr):
-            return float(getattr(evt, attr))
-    return 0.0
+def event_us(evt, on_gpu: bool) -> float:
+    """An averaged profiler event's own time in µs, summed over its calls: on a GPU only the
+    device's events (kernels, copies, fills) count, since an operator's "self device time" is
+    the time of the kernels it launched, which are events of their own; on a CPU, operators'
+    self time."""
+    if not on_gpu:
+        return float(evt.self_cpu_time_total)
+    if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+        return 0.0
+    return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
 
 
 def profile_calls(call: Callable[[], object], iters: int, device: str) -> Tuple[Dict[str, Tuple[float, float]], float]:
@@ -65,7 +70,7 @@ def profile_calls(call: Callable[[], object], iters: int, device: str) -> Tuple[
         synchronize(device)
     groups: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for evt in prof.key_averages():
-        us = _self_device_us(evt) if on_gpu else float(evt.self_cpu_time_total)
+        us = event_us(evt, on_gpu)
         if us <= 0:
             continue
         g = groups[kernel_group(evt.key)]

@@ -283,6 +283,12 @@ def test_kernel_profile_groups_and_prints(capsys):
     assert kp.kernel_group("_linear_gelu_fwd") == "_linear_gelu_fwd"
     assert kp.kernel_group("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(int)") \
         == "void at::native::vectorized_elementwise_kernel"
+    from types import SimpleNamespace as Event
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel = Event(device_type=cuda, self_device_time_total=7.0, self_cpu_time_total=0.0)
+    launcher = Event(device_type=cpu, self_device_time_total=7.0, self_cpu_time_total=3.0)  # aten::mm, say
+    assert (kp.event_us(kernel, True), kp.event_us(launcher, True)) == (7.0, 0.0)  # each kernel counted once
+    assert kp.event_us(launcher, False) == 3.0
     assert kp.main(["--tiny", "--iters", "2", "--workloads", "base-b32-s512-varlen"]) == 0
     out = capsys.readouterr().out
     assert "lengths 32..512 [tiny], eager, backend auto" in out
