@@ -127,6 +127,25 @@ EmbeddingArgs check_args(const at::Tensor& input_ids, const at::Tensor& token_ty
   return a;
 }
 
+EmbeddingArgs check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input_ids,
+                             const at::Tensor& token_type_ids, const at::Tensor& position_ids,
+                             const at::Tensor& word_weight, const at::Tensor& position_weight,
+                             const at::Tensor& token_type_weight, const at::Tensor& ln_weight,
+                             const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+                             const std::optional<at::Tensor>& seed, std::optional<int64_t> padding_idx) {
+  EmbeddingArgs a = check_args(input_ids, token_type_ids, position_ids, word_weight, position_weight, token_type_weight,
+                               ln_weight, std::nullopt, dropout_p, seed, padding_idx);
+  const auto shape = out_shape(input_ids, a.hidden);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape) && grad_out.scalar_type() == word_weight.scalar_type(),
+                    "fastbert.embedding: grad_out must be ", word_weight.scalar_type(), " of shape ", at::IntArrayRef(shape),
+                    ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
+  const auto sd = stat_dtype(word_weight.scalar_type());
+  TORCH_CHECK_VALUE(mean.sizes() == input_ids.sizes() && rstd.sizes() == input_ids.sizes() && mean.scalar_type() == sd &&
+                        rstd.scalar_type() == sd,
+                    "fastbert.embedding: mean and rstd must be ", sd, " of the ids' shape");
+  return a;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& ids, int64_t hidden) {
   std::vector<int64_t> s(ids.sizes().begin(), ids.sizes().end());
   s.push_back(hidden);

@@ -35,8 +35,20 @@ EmbeddingArgs check_args(const at::Tensor& input_ids, const at::Tensor& token_ty
                          const std::optional<at::Tensor>& ln_bias, double dropout_p,
                          const std::optional<at::Tensor>& seed, std::optional<int64_t> padding_idx);
 
+// The backward's arguments: check_args, plus grad_out (the output's shape and the tables'
+// dtype) and the forward's statistics (the ids' shape, in stat_dtype).
+EmbeddingArgs check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input_ids,
+                             const at::Tensor& token_type_ids, const at::Tensor& position_ids,
+                             const at::Tensor& word_weight, const at::Tensor& position_weight,
+                             const at::Tensor& token_type_weight, const at::Tensor& ln_weight,
+                             const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+                             const std::optional<at::Tensor>& seed, std::optional<int64_t> padding_idx);
+
 // The output shape: the ids' shape plus the hidden dim.
 std::vector<int64_t> out_shape(const at::Tensor& ids, int64_t hidden);
+
+// The dtype of the per-token mean and rstd: fp32, fp64 for fp64 tables (CPU only).
+inline at::ScalarType stat_dtype(at::ScalarType table) { return table == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Raises the ValueError for the bad id of `kind` at flat token `token`, naming the value. A
 // record that does not match these ids (left by a call that did not check: a kernel replayed

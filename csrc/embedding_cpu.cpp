@@ -244,8 +244,6 @@ uint64_t seed_value(const std::optional<at::Tensor>& seed) {
   return seed ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
 }
 
-at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fwd_cpu(
     const at::Tensor& input_ids, const at::Tensor& token_type_ids, const at::Tensor& position_ids,
     const at::Tensor& word_weight, const at::Tensor& position_weight, const at::Tensor& token_type_weight,
@@ -267,16 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding
     const at::Tensor& position_ids, const at::Tensor& word_weight, const at::Tensor& position_weight,
     const at::Tensor& token_type_weight, const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd,
     double dropout_p, const std::optional<at::Tensor>& seed, std::optional<int64_t> padding_idx) {
-  EmbeddingArgs a = check_args(input_ids, token_type_ids, position_ids, word_weight, position_weight, token_type_weight,
-                               ln_weight, std::nullopt, dropout_p, seed, padding_idx);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape(input_ids, a.hidden)) &&
-                        grad_out.scalar_type() == word_weight.scalar_type(),
-                    "fastbert.embedding: grad_out must be ", word_weight.scalar_type(), " of shape ",
-                    at::IntArrayRef(out_shape(input_ids, a.hidden)), ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
-  const auto sd = stat_dtype(word_weight.scalar_type());
-  TORCH_CHECK_VALUE(mean.sizes() == input_ids.sizes() && rstd.sizes() == input_ids.sizes() && mean.scalar_type() == sd &&
-                        rstd.scalar_type() == sd,
-                    "fastbert.embedding: mean and rstd must be ", sd, " of the ids' shape");
+  EmbeddingArgs a = check_bwd_args(grad_out, input_ids, token_type_ids, position_ids, word_weight, position_weight,
+                                   token_type_weight, ln_weight, mean, rstd, dropout_p, seed, padding_idx);
   const uint64_t s = dropout_p > 0.0 ? seed_value(seed) : 0;
   std::vector<at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, word_weight.scalar_type(), "fastbert_embedding_bwd_cpu", [&] {

@@ -156,15 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding
     const at::Tensor& token_type_weight, const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd,
     double dropout_p, const std::optional<at::Tensor>& seed, std::optional<int64_t> padding_idx) {
   const c10::cuda::CUDAGuard guard(word_weight.device());
-  EmbeddingArgs a = check_args(input_ids, token_type_ids, position_ids, word_weight, position_weight, token_type_weight,
-                               ln_weight, std::nullopt, dropout_p, seed, padding_idx);
-  const auto shape = out_shape(input_ids, a.hidden);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape) && grad_out.scalar_type() == word_weight.scalar_type(),
-                    "fastbert.embedding: grad_out must be ", word_weight.scalar_type(), " of shape ", at::IntArrayRef(shape),
-                    ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
-  TORCH_CHECK_VALUE(mean.sizes() == input_ids.sizes() && rstd.sizes() == input_ids.sizes() &&
-                        mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
-                    "fastbert.embedding: mean and rstd must be float32 of the ids' shape");
+  EmbeddingArgs a = check_bwd_args(grad_out, input_ids, token_type_ids, position_ids, word_weight, position_weight,
+                                   token_type_weight, ln_weight, mean, rstd, dropout_p, seed, padding_idx);
   const int64_t T = a.tokens, H = a.hidden;
   at::Tensor dy = grad_out.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor gw = at::zeros_like(a.word), gp = at::zeros_like(a.pos), gt = at::zeros_like(a.type);
