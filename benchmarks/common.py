@@ -120,7 +120,9 @@ def graph_backward_ms(fwd: Callable[[], torch.Tensor], leaves: Sequence[torch.Te
     backward is warmed up and then captured ``reps`` times into one CUDA graph on that stream,
     and the graph's replays are timed with events. (A forward run on the default stream and a
     backward captured on do_bench_cudagraph's stream fail: autograd runs each backward op on
-    its forward op's stream, which is not the capturing one.)"""
+    its forward op's stream, which is not the capturing one. No autograd graph made on the
+    default stream may still hold the leaves: their gradient accumulators would be that
+    stream's, and syncing with it invalidates the capture.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
@@ -178,18 +180,17 @@ def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]
             with torch.no_grad():
                 return fwd()
 
-        kept = fwd()
-
-        def f_bwd(kept=kept):
-            return torch.autograd.grad(kept, leaves, dy, retain_graph=True)
-
         def f_both():
             return torch.autograd.grad(fwd(), leaves, dy)
 
         for suffix, timer in timers(device, quick):
-            modes = [("fwd", f_fwd, timer), ("bwd", f_bwd, timer), ("fwd+bwd", f_both, timer)]
             if suffix:  # in a graph: the forward with the timer, the backward with its own capture
-                modes = [modes[0], ("bwd", fwd, lambda f: graph_backward_ms(f, leaves, dy))]
+                modes = [("fwd", f_fwd, timer), ("bwd", fwd, lambda f: graph_backward_ms(f, leaves, dy))]
+            else:  # the backward alone, again and again over one kept forward
+                kept = fwd()
+                modes = [("fwd", f_fwd, timer),
+                         ("bwd", lambda: torch.autograd.grad(kept, leaves, dy, retain_graph=True), timer),
+                         ("fwd+bwd", f_both, timer)]
             if impl in fwd_only:
                 modes = [m for m in modes if m[0] == "fwd"]
             for mode, fn, time_fn in modes:
@@ -200,7 +201,9 @@ def measure_op(name: str, case: str, impls: Dict[str, Callable[[], torch.Tensor]
                     continue
                 out.append(Measurement("op", name, case + suffix, impl, mode, ms, gbps(nbytes[mode], ms),
                                        extra={"bytes": nbytes[mode]}))
-        del kept
+            # The kept forward's graph holds the leaves' gradient accumulators, made on the
+            # default stream: alive during a capture on another stream, they invalidate it.
+            modes = kept = None
         synchronize(device)
     return out
 

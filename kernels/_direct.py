@@ -127,8 +127,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1); symbolic sizes go to Triton's."""
-    if type(n) is not int:
-        import triton
-        return triton.next_power_of_2(n)
-    return 1 << max(n - 1, 0).bit_length()
+    """The smallest power of two >= n (1 for n <= 1), a plain int. Block sizes are compile-time
+    constants of a kernel, so a symbolic size (torch.compile's dynamic shapes, opcheck's
+    dynamic-shape check) is specialized here: a SymInt block size cannot be a constexpr."""
+    return 1 << max(int(n) - 1, 0).bit_length()

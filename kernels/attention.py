@@ -212,7 +212,8 @@ def _geometry(q, k, cu_seqlens, max_seqlen):
 
 def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p, store_lse: bool = True):
     packed, batch, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens, max_seqlen)
-    heads, dim, dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
+    heads = q.shape[-2]
+    dim, dim_v = int(q.shape[-1]), int(v.shape[-1])  # constexprs: a symbolic head dim is specialized
     out = torch.empty((*q.shape[:-1], dim_v), dtype=q.dtype, device=q.device)
     rows = q.shape[0] if packed else batch * seqlen_q
     lse = torch.empty((heads, rows), dtype=torch.float32, device=q.device) if store_lse else None

@@ -259,7 +259,8 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
                     dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV (contiguous, in the input dtype). Called inside the ``fastbert::attention_bwd`` op."""
     packed = cu_seqlens is not None
-    heads, dim, dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
+    heads = q.shape[-2]
+    dim, dim_v = int(q.shape[-1]), int(v.shape[-1])  # constexprs: a symbolic head dim is specialized
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -196,13 +196,7 @@ def num_programs(device: torch.device, blocks: int, per_sm: int = 2) -> int:
 FWD_TILE, FWD_PER_WARP = 2048, 1024
 
 
-def row_config(n: int, device: torch.device, tile: int = 4096, per_warp: int = 512) -> Tuple[int, int, int]:
-    """:func:`_row_config`, cached for plain ints (fake tensors bring symbolic sizes)."""
-    if type(n) is int:
-        return _row_config_cached(n, device, tile, per_warp)
-    return _row_config(n, device, tile, per_warp)
-
-
+@functools.lru_cache(maxsize=None)
 def _row_config(n: int, device: torch.device, tile: int = 4096, per_warp: int = 512) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for a whole row of ``n`` per program row: the row is
     padded to a power of two, narrow rows are stacked to ~``tile`` elements per program,
@@ -216,7 +210,9 @@ def _row_config(n: int, device: torch.device, tile: int = 4096, per_warp: int = 
     return block_m, block_n, num_warps
 
 
-_row_config_cached = functools.lru_cache(maxsize=None)(_row_config)
+def row_config(n: int, device: torch.device, tile: int = 4096, per_warp: int = 512) -> Tuple[int, int, int]:
+    """:func:`_row_config` for a plain int: a symbolic ``n`` is specialized (see ``next_pow2``)."""
+    return _row_config(int(n), device, tile, per_warp)
 
 
 def sum_partials(part: torch.Tensor, outs) -> None:

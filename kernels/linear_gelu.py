@@ -123,7 +123,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tanh: bool) 
     launch(_linear_gelu_fwd, (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
            x2, w, bias.contiguous(), y, m, n, k, x2.stride(0), w.stride(0),
            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TANH=tanh,
-           EVEN_K=k % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
+           EVEN_K=bool(k % cfg.block_k == 0), IEEE=x.dtype == torch.float32,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

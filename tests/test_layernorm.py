@@ -158,7 +158,8 @@ def test_dropout_follows_the_torch_seed():
 
 def test_inference_skips_the_row_statistics(monkeypatch):
     """Where nothing needs a gradient the forward writes y alone (the row mean and rstd exist
-    for the backward), and y has the same bits as with autograd."""
+    for the backward), and y is what autograd's forward gives: the same bits under the
+    interpreter, within an ulp or two of fp32 compiled."""
     stats = []
     real = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda kernel, grid, *args, **meta:
@@ -170,8 +171,27 @@ def test_inference_skips_the_row_statistics(monkeypatch):
         no_leaf_needs_grad = fb.add_layernorm(x, r, w, b, 1e-5, x_bias=xb)
         trained = fb.add_layernorm(x.requires_grad_(), r, w, b, 1e-5, x_bias=xb)
     assert stats == [False, False, True]
-    assert torch.equal(plain, no_leaf_needs_grad) and torch.equal(plain, trained.detach())
+    assert torch.equal(plain, no_leaf_needs_grad)
+    if x.is_cuda:  # two compiled variants: ptxas may contract a multiply-add in one and not the other
+        torch.testing.assert_close(plain, trained.detach(), rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(plain, trained.detach())
     assert trained.requires_grad and not plain.requires_grad
+
+
+def test_symbolic_sizes_give_plain_int_block_sizes():
+    """A block size is a kernel's compile-time constant: under dynamic shapes (torch.compile,
+    opcheck's test_aot_dispatch_dynamic) a symbolic row length is specialized, never passed
+    on as a SymInt constexpr (which the launch cannot hash)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from fastbert.kernels._direct import next_pow2
+    env = ShapeEnv()
+    n = env.create_symintnode(env.create_symbol(48, ConstantSource("n")), hint=48)
+    assert isinstance(n, torch.SymInt)
+    assert next_pow2(n) == 64 and type(next_pow2(n)) is int
+    config = kernels.row_config(n, torch.device("cpu"))
+    assert config == kernels.row_config(48, torch.device("cpu")) and all(type(v) is int for v in config)
 
 
 def test_opcheck():
