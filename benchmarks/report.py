@@ -91,8 +91,6 @@ def ops_on_device(device: str) -> Dict[str, str]:
                 out[name] = f"composed ({op.composed})" if op.composed else "reference (eager PyTorch)"
             elif fn is op.cpu:
                 out[name] = f"CPU composition (fastbert.cpu.{name})"
-            elif fn is op.gpu:
-                out[name] = f"CUDA composition (fastbert.gpu.{name})"
             else:
                 out[name] = f"kernel ({op.kernel})"
         except Exception as exc:  # the backend refuses: say why

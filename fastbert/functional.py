@@ -134,11 +134,10 @@ def bias_gelu(x, bias, approximate="none"):
 def linear_gelu(x, weight, bias, approximate="none"):
     """gelu(x @ weight.T + bias), ``weight`` in nn.Linear's (out_features, in_features) layout.
 
-    Where autocast is off and nothing needs a gradient, one GEMM with the bias and the GELU in
-    its epilogue: fastbert's Triton kernel under the "triton" backend; under "auto" on CUDA,
-    cuBLASLt's epilogue for the tanh GELU in fp16/bf16 (``fastbert.gpu``). Otherwise the GEMM
-    through ``F.linear`` (cuBLAS, autocast honoured), then :func:`bias_gelu`, whose backward
-    has the pre-activation it needs."""
+    One kernel (the GEMM with the bias and the GELU in its epilogue) where the backend selects
+    it, autocast is off and nothing needs a gradient; otherwise the
+    GEMM through ``F.linear`` (cuBLAS, autocast honoured), then :func:`bias_gelu`, whose
+    backward has the pre-activation it needs."""
     op = "linear_gelu"
     _check_float(op, x=x, weight=weight, bias=bias)
     if approximate not in ("none", "tanh"):

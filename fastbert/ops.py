@@ -2,8 +2,7 @@
 
 Every op has an eager reference (``fastbert.reference``) and a kernel (``fastbert.kernels``,
 Triton, or the C++/CUDA extension for the embedding); an op may also have a faster CPU
-composition of PyTorch ops (``fastbert.cpu``) that the "auto" backend runs on CPU tensors, and
-a CUDA one (``fastbert.gpu``) that it runs where the kernel is not yet the faster.
+composition of PyTorch ops (``fastbert.cpu``) that the "auto" backend runs on CPU tensors.
 :func:`implementation` returns the one to run for a device under the current backend
 (``fastbert.backend``). Nothing else in fastbert imports a kernel module.
 """
@@ -16,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import cpu, gpu, reference
+from . import cpu, reference
 from .backend import get_backend, triton_interpreted
 
 
@@ -27,7 +26,6 @@ class Op:
     kernel: str  # "module:function" of fastbert's own implementation
     native_cpu: bool = False  # the kernel has a compiled CPU implementation (not the interpreter)
     cpu: Optional[Callable] = None  # what "auto" runs on CPU tensors instead of the reference (fastbert.cpu)
-    gpu: Optional[Callable] = None  # what "auto" runs on CUDA tensors when the kernel is not auto (fastbert.gpu)
     # "auto" runs the kernel on the GPU; False for a kernel that has yet to show it is faster
     # than what the caller composes without it (the "triton" backend still selects it).
     auto: bool = True
@@ -43,7 +41,7 @@ OPS: Dict[str, Op] = {
         Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
         Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
         Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False,
-           gpu=gpu.linear_gelu, composed="F.linear, then bias_gelu"),
+           composed="F.linear, then bias_gelu"),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
         Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
     )
@@ -93,8 +91,6 @@ def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> C
         # The kernels compute in fp32: float64 keeps its precision through the reference.
         if kernel is not None and runs_here and not fp64 and op.auto:
             return kernel
-        if device.type == "cuda" and op.gpu is not None and not fp64:
-            return op.gpu
         if device.type == "cpu" and op.cpu is not None:
             return op.cpu
         return op.reference
