@@ -76,6 +76,10 @@ def load_kernels() -> None:
 def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
     """The function that runs op ``name`` on ``device`` (for ``dtype``) under the current backend."""
     key = (name, get_backend(), device.type, dtype == torch.float64)
+    if torch.compiler.is_compiling():
+        # Traced, the choice is made afresh: a graph that fills the cache would guard on the
+        # cache not holding the key, fail that guard on its next call and compile again.
+        return _choose(OPS[name], key[1], device, key[3])
     fn = _chosen.get(key)
     if fn is None:
         fn = _chosen[key] = _choose(OPS[name], key[1], device, key[3])

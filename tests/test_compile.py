@@ -175,7 +175,10 @@ def test_switching_backend_retraces(fresh_dynamo):
 
 
 def test_dynamic_shapes_compile_once(fresh_dynamo):
+    """One graph for every shape, also when the model is compiled before any eager call (the
+    dispatch point's cache, first filled inside the trace, once failed the graph's guards)."""
     fastbert.set_backend("eager")
+    fastbert.ops._chosen.clear()  # as in a fresh process, whatever ran before
     model = fastbert.BertModel(tiny_config()).to(DEVICE).eval()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
     with torch.no_grad():
