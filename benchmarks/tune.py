@@ -158,6 +158,20 @@ def _row_candidates(n: int, module, name: str, tiny: bool, max_n: Optional[int] 
     return out
 
 
+def _bwd_candidates(n: int, module, tiny: bool):
+    """add_layernorm's backward: tile, warps and programs per SM (each program walks a run of
+    rows and leaves one partial sum per column)."""
+    block_n = 1 << max(n - 1, 0).bit_length()
+    out = []
+    for tile in ((2048,) if tiny else (1024, 2048, 4096)):
+        for warps in ((4,) if tiny else (2, 4, 8)):
+            for per_sm in ((2, 4) if tiny else (2, 4, 8)):
+                block_m = max(1, tile // block_n)
+                out.append((f"BM={block_m} BN={block_n} w={warps} per_sm={per_sm}", module, "bwd_config",
+                            lambda *a, c=(block_m, block_n, warps, per_sm), **k: c))
+    return out
+
+
 def row_cases(device, dtype, tiny: bool) -> List[Case]:
     from fastbert.kernels import gelu, layernorm, softmax
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -179,6 +193,17 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
                           _row_candidates(n, layernorm, "row_config", tiny),
                           "BM={} BN={} w={}".format(*layernorm.row_config(n, x.device, layernorm.FWD_TILE,
                                                                           layernorm.FWD_PER_WARP))))
+        dy = t(m, n)
+        _, mean, rstd = torch.ops.fastbert.add_layernorm_fwd(x, r, w, bb, 1e-12, xb, 0.0, None)
+        leaves = [v.float().requires_grad_() for v in (x, r, w, bb, xb)]
+        with torch.enable_grad():
+            ref_grads = torch.autograd.grad(reference.add_layernorm(*leaves[:4], 1e-12, leaves[4]), leaves, dy.float())
+        # (d residual, d x: empty, shared with d residual without dropout, d weight, d bias, d x_bias)
+        ref_bwd = (ref_grads[1], torch.empty(0, device=device), *ref_grads[2:])
+        cases.append(Case("add_layernorm bwd", f"{m}x{n}",
+                          lambda: torch.ops.fastbert.add_layernorm_bwd(dy, x, r, w, bb, xb, mean, rstd, 0.0, None),
+                          ref_bwd, _bwd_candidates(n, layernorm, tiny),
+                          "BM={} BN={} w={} per_sm={}".format(*layernorm.bwd_config(n, x.device))))
         shape = (2, 2, 8, 16) if tiny else (32, 12, 128, 128)
         s = t(*shape)
         keep = torch.rand(shape[0], 1, 1, shape[-1], generator=g) < 0.8

@@ -231,7 +231,7 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
     rows = json.loads(path.read_text())["rows"]
     cases = {(r["op"], r["shape"]) for r in rows}
     assert {op for op, _ in cases} == {"attention fwd", "attention bwd", "bias_gelu fwd", "add_layernorm fwd",
-                                       "softmax_mask fwd", "linear_gelu fwd"}
+                                       "add_layernorm bwd", "softmax_mask fwd", "linear_gelu fwd"}
     assert all("error" not in r and r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows), rows
     for case in cases:
         assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case
@@ -295,3 +295,17 @@ def test_kernel_profile_groups_and_prints(capsys):
     on_gpu = torch.cuda.is_available()  # on a GPU the tables list kernels, on a CPU operators
     assert ("sum of kernels" if on_gpu else "sum of operators") in out and "wall time per forward" in out
     assert kp.main(["--workloads", "train-base-b32-s128", "--tiny"]) == 2
+
+
+def test_model_pairs_run_in_the_order_a_time_limit_should_cut():
+    """Eager pairs, then compiles with CUDA graphs, then the pre-training run, then the
+    default-mode compiles: `fastbert bench --quick` at its time limit keeps the telling rows."""
+    from types import SimpleNamespace
+    from fastbert.benchmarks.bench_model import _run_order
+    base, pretrain = SimpleNamespace(pretrain=False), SimpleNamespace(pretrain=True)
+    pairs = [(base, "hf-sdpa+compile"), (pretrain, "fastbert"), (base, "fastbert+compile"),
+             (base, "fastbert+compile-ro"), (base, "hf-sdpa+compile-ro"), (base, "fastbert"), (base, "hf-sdpa")]
+    order = [(w.pretrain, impl) for w, impl in sorted(pairs, key=_run_order)]
+    assert order == [(False, "fastbert"), (False, "hf-sdpa"), (False, "hf-sdpa+compile-ro"),
+                     (False, "fastbert+compile-ro"), (True, "fastbert"), (False, "fastbert+compile"),
+                     (False, "hf-sdpa+compile")]
