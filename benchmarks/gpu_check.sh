@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
-# GPU tests, the host cost per op call (benchmarks/host.py), the kernel time per forward
-# (benchmarks/kernel_profile.py), the launch-config sweep
-# (benchmarks/tune.py: the fused GEMM, every kernel with GPU_CHECK_TUNE=1), and the rest of the test suite on the GPU, each
+# GPU tests, the launch-config sweep (benchmarks/tune.py: the fused GEMM, every kernel with
+# GPU_CHECK_TUNE=1), the host cost per op call (benchmarks/host.py), the kernel time per
+# forward (benchmarks/kernel_profile.py), and the rest of the test suite on the GPU, each
 # with whatever time is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
@@ -129,31 +129,14 @@ rm -f "$SNIPPET"
 # 4. The GPU tests (BERT shapes, every dtype); the rest of the suite on the GPU machine last.
 # -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
 # still names its failures.
-XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "--maxfail=10")
+XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "-q --maxfail=10")
 # Each failure and its reason, as it happens (tests/conftest.py), for the summary.
 export FASTBERT_FAILURE_LOG=$(mktemp /tmp/fastbert_failures_XXXX.txt)
-PYTEST="$PY -m pytest tests -q -rfE --tb=short -p no:cacheprovider $XDIST"
+PYTEST="$PY -m pytest tests -rfE --tb=short -p no:cacheprovider $XDIST"
 step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# 5. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
-#    on this machine's CPU, next to eager PyTorch.
-step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model
-sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
-
-# 5b. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
-#     kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
-#     (the gaps are the host's). GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
-#     feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
-for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
-    for graph in --graph ""; do
-        step "kernel profile ($backend${graph:+, graph})" 40 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
-            $graph --backend "$backend" --workloads base-b32-s128
-    done
-done
-sed -n '/^# BERT-base B=32 S=128, \(CUDA graph\|eager\)/,/^GPU idle/p' "$OUT/bench.log" | tee -a "$SUMMARY"
-
-# 6. The launch-config sweep with what time is left before the rest of the suite: the fused
+# 5. The launch-config sweep, before the host cost and the profile (their numbers are in PERF.md): the fused
 #    GEMM's tiles (linear_gelu, not yet swept on a GPU) by default, every kernel with
 #    GPU_CHECK_TUNE=1 (its log goes to bench.log and its table to the summary; tune-<date>.json
 #    is the eighth file back). The row and attention configs come from the H100 sweep
@@ -167,6 +150,24 @@ if [ "$TUNE_LEFT" -ge 45 ]; then
         --max-seconds $((TUNE_CAP - 30))
     sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
+
+# 6. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
+#    on this machine's CPU, next to eager PyTorch.
+step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model
+sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+
+# 6b. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
+#     kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
+#     (the gaps are the host's). GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
+#     feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
+for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
+    for graph in --graph ""; do
+        step "kernel profile ($backend${graph:+, graph})" 40 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
+            $graph --backend "$backend" --workloads base-b32-s128
+    done
+done
+sed -n '/^# BERT-base B=32 S=128, \(CUDA graph\|eager\)/,/^GPU idle/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+
 step "tests (rest, on GPU)" 150 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
