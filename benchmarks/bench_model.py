@@ -83,6 +83,8 @@ def impls_for(w: Workload, device: str, quick: bool, compile_: bool, wanted: Opt
             impls.insert(1, "fastbert-padded")
         if on_gpu:
             impls[1:1] = ["fastbert+cudagraph", "fastbert+cudagraph+fused-ffn"]
+            if w.padded:
+                impls.insert(2, "fastbert-padded+cudagraph")
         impls += C.COMPILED
     if wanted is not None:
         unknown = [i for i in wanted if i not in C.IMPLS]
@@ -193,7 +195,7 @@ def measure(wl: _Workload, impl: str, timing_kw: Dict[str, float], ceilings: Dic
     model = wl.cache.get(wl.w, family, wl.dtype)
     extra: Dict[str, object] = {"workload": wl.w.key, "real_tokens": sum(wl.lengths), "gflop": wl.flops / 1e9}
     if mode == "cudagraph":
-        fn = C.cudagraph_call(model, wl.inputs, C.BACKENDS.get(impl, "auto"))
+        fn = C.cudagraph_call(model, wl.inputs, C.BACKENDS.get(impl, "auto"), unpad=impl != "fastbert-padded+cudagraph")
     else:
         if mode:
             model = C.compiled(model, mode)

@@ -29,6 +29,8 @@ IMPLS = {
     # The same graph captured under the "triton" backend: the feed-forward expansion as the
     # fused GEMM + bias + GELU (linear_gelu), which "auto" does not take until measured ahead.
     "fastbert+cudagraph+fused-ffn": ("fastbert", "cudagraph"),
+    # The padded graph on a batch with padding (CUDAGraphRunner(unpad=False)): what packing saves.
+    "fastbert-padded+cudagraph": ("fastbert", "cudagraph"),
     "hf-eager": ("hf-eager", None),
     "hf-sdpa": ("hf-sdpa", None),
     "native": ("native", None),                   # nn.TransformerEncoder fast path (nested tensors)
@@ -209,16 +211,17 @@ def inference_call(impl: str, model: nn.Module, inputs) -> Callable[[], torch.Te
     return call
 
 
-def cudagraph_call(model: nn.Module, inputs, backend: str = "auto") -> Callable[[], torch.Tensor]:
+def cudagraph_call(model: nn.Module, inputs, backend: str = "auto", unpad: bool = True) -> Callable[[], torch.Tensor]:
     """fastbert's own CUDA-graph runner with one bucket, the workload's shape, captured under
     ``backend``. Ids are not range-checked on each call (that costs a device sync), as a
     server trusting its tokenizer would run it. A workload with padding runs packed (one read
-    of the mask's row sums per call); one without runs the padded graph, which reads nothing."""
+    of the mask's row sums per call) unless ``unpad`` is False; one without runs the padded
+    graph, which reads nothing."""
     ids, tt, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]
     with fastbert.use_backend(backend):
         runner = fastbert.CUDAGraphRunner(model, batch_sizes=(ids.shape[0],), seq_lens=(ids.shape[1],),
                                           fallback=False, check_inputs=False,
-                                          unpad=mask is not None and bool((mask == 0).any()))
+                                          unpad=unpad and mask is not None and bool((mask == 0).any()))
 
     def call():
         with fastbert.use_backend(backend):

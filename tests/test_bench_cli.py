@@ -309,3 +309,16 @@ def test_model_pairs_run_in_the_order_a_time_limit_should_cut():
     assert order == [(False, "fastbert"), (False, "hf-sdpa"), (False, "hf-sdpa+compile-ro"),
                      (False, "fastbert+compile-ro"), (True, "fastbert"), (False, "fastbert+compile"),
                      (False, "hf-sdpa+compile")]
+
+
+def test_ragged_workloads_time_the_padded_graph_beside_the_packed_one():
+    """On a GPU a batch with padding runs captured both packed and padded (what packing saves,
+    graph against graph); a full batch has no padded twin."""
+    from fastbert.benchmarks.bench_model import impls_for
+    from fastbert.benchmarks.workloads import WORKLOADS
+    ragged, _ = impls_for(WORKLOADS["base-b32-s512-varlen"], "cuda", True, False, None)
+    assert ragged[:3] == ["fastbert", "fastbert+cudagraph", "fastbert-padded+cudagraph"]
+    full, _ = impls_for(WORKLOADS["base-b32-s128"], "cuda", True, False, None)
+    assert "fastbert-padded+cudagraph" not in full and "fastbert+cudagraph" in full
+    on_cpu, _ = impls_for(WORKLOADS["base-b32-s512-varlen"], "cpu", True, False, None)
+    assert not any("cudagraph" in i for i in on_cpu)
