@@ -166,7 +166,14 @@ for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
             $graph --backend "$backend" --workloads base-b32-s128
     done
 done
-sed -n '/^# BERT-base B=32 S=128, \(CUDA graph\|eager\)/,/^GPU idle/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+# The bf16 training step (BERT-base B=32 S=128) kernel by kernel, eager; with
+# GPU_CHECK_PROFILE_TRAIN=1 also compiled with reduce-overhead (a minute of compiling).
+for graph in ${GPU_CHECK_PROFILE_TRAIN:+--graph} ""; do
+    step "kernel profile (train${graph:+, compiled})" $([ -n "$graph" ] && echo 120 || echo 40) "$OUT/bench.log" \
+        $PY -m fastbert.benchmarks.kernel_profile $graph --workloads train-base-b32-s128
+done
+sed -n '/^# \(train \)\?BERT-base B=32 S=128\( (bf16 autocast)\)\?, \(CUDA graph\|eager\|compiled\)/,/^GPU idle/p' "$OUT/bench.log" \
+    | tee -a "$SUMMARY"
 
 step "tests (rest, on GPU)" 150 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"

@@ -1,12 +1,15 @@
-"""Where a forward's time goes: every kernel's time and count per forward of a fastbert model,
-from torch.profiler, beside the forward's wall time. The difference between the wall time and
-the kernels' sum is what the GPU spent waiting (launch gaps, host work, syncs).
+"""Where a forward's (or a training step's) time goes: every kernel's time and count per call
+of a fastbert model, from torch.profiler, beside the call's wall time. The difference between
+the wall time and the kernels' sum is what the GPU spent waiting (launch gaps, host work, syncs).
 
     python -m fastbert.benchmarks.kernel_profile                        # BERT-base B=32 S=128, eager
     python -m fastbert.benchmarks.kernel_profile --graph --backend triton --workloads base-b8-s512
+    python -m fastbert.benchmarks.kernel_profile --graph --workloads train-base-b32-s128
 
 ``--graph`` replays a CUDA graph (``fastbert.CUDAGraphRunner``), so the gaps left are the
-graph's own; ``--backend triton`` selects every fastbert kernel, including the fused GEMM +
+graph's own; for the training step (bf16 autocast, forward and backward of
+BertForPreTraining's loss, as ``fastbert bench`` times it) it compiles the model with
+``mode="reduce-overhead"``, whose CUDA graph trees capture forward and backward; ``--backend triton`` selects every fastbert kernel, including the fused GEMM +
 bias + GELU that "auto" leaves to cuBLAS + ``bias_gelu`` until it is measured ahead. Kernels
 are grouped: cuBLAS/CUTLASS GEMMs, each fastbert kernel by name, the rest by name. On a CPU
 (``--tiny``) the same tables list CPU operators, which checks the script, not the GPU.
@@ -25,6 +28,7 @@ import torch
 
 import fastbert
 
+from . import competitors as C
 from .common import default_device, synchronize
 from .workloads import CONFIGS, WORKLOADS, random_inputs, tiny
 
@@ -105,15 +109,34 @@ def forward_call(workload: str, backend: str, graph: bool, device: str, dtype: t
     return call, config.num_hidden_layers
 
 
-def table(groups: Dict[str, Tuple[float, float]], wall_ms: float, layers: int, unit: str) -> str:
+def train_call(workload: str, backend: str, graph: bool, device: str, small: bool) -> Tuple[Callable[[], object], int]:
+    """A bf16-autocast training step of the workload's BertForPreTraining under ``backend``
+    (compiled with reduce-overhead with ``graph``), and its number of layers."""
+    w = WORKLOADS[workload]
+    if small:
+        w = tiny(w)
+    config = fastbert.BertConfig(**CONFIGS[w.model])
+    model = fastbert.BertForPreTraining(config).to(device)
+    inputs = random_inputs(w, config.vocab_size, device)
+    step = C.train_call(C.compiled(model, "reduce-overhead") if graph else model, inputs, torch.device(device).type)
+
+    def call():
+        if graph:
+            torch.compiler.cudagraph_mark_step_begin()
+        with fastbert.use_backend(backend):
+            return step()
+    return call, config.num_hidden_layers
+
+
+def table(groups: Dict[str, Tuple[float, float]], wall_ms: float, layers: int, unit: str, per: str = "fwd") -> str:
     total = sum(us for us, _ in groups.values())
-    lines = [f"{'kernel' if unit == 'µs GPU' else 'operator':<62} {unit + ' per fwd':>12} {'per layer':>10} "
+    lines = [f"{'kernel' if unit == 'µs GPU' else 'operator':<62} {unit + ' per ' + per:>12} {'per layer':>10} "
              f"{'calls':>9} {'share':>6}"]
     for name, (us, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"{name:<62} {us:12.1f} {us / layers:10.1f} {n:9.1f} {us / total:6.1%}")
     lines.append(f"{'sum of ' + ('kernels' if unit == 'µs GPU' else 'operators'):<62} {total:12.1f} "
                  f"{total / layers:10.1f} {sum(n for _, n in groups.values()):9.1f}")
-    lines.append(f"{'wall time per forward':<62} {wall_ms * 1e3:12.1f}")
+    lines.append(f"{'wall time per ' + ('forward' if per == 'fwd' else per):<62} {wall_ms * 1e3:12.1f}")
     if unit == "µs GPU":
         lines.append(f"{'GPU idle (wall - kernels)':<62} {wall_ms * 1e3 - total:12.1f}")
     return "\n".join(lines)
@@ -122,9 +145,11 @@ def table(groups: Dict[str, Tuple[float, float]], wall_ms: float, layers: int, u
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbert.benchmarks.kernel_profile",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="base-b32-s128", help="comma list of inference workloads (fastbert bench's)")
+    p.add_argument("--workloads", default="base-b32-s128",
+                   help="comma list of fastbert bench's inference workloads and its training step (train-base-b32-s128)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton"))
-    p.add_argument("--graph", action="store_true", help="replay a CUDA graph (GPU only)")
+    p.add_argument("--graph", action="store_true",
+                   help="replay a CUDA graph (GPU only; the training step compiled with reduce-overhead)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="toy model and shapes (checks the script on a CPU)")
     args = p.parse_args(argv)
@@ -137,20 +162,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("kernel_profile: --graph needs a CUDA GPU", file=sys.stderr)
         return 2
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    bad = [n for n in names if n not in WORKLOADS or WORKLOADS[n].train or not WORKLOADS[n].gpu]
+    bad = [n for n in names if n not in WORKLOADS or WORKLOADS[n].pretrain or not WORKLOADS[n].gpu]
     if bad:
-        print(f"kernel_profile: not an inference workload of BERT size: {', '.join(bad)}", file=sys.stderr)
+        print(f"kernel_profile: not a BERT-size inference workload or training step: {', '.join(bad)}", file=sys.stderr)
         return 2
     fastbert.ops.load_kernels()
     dtype = torch.float16 if on_gpu else torch.float32
     gpu = torch.cuda.get_device_name() if on_gpu else "CPU"
     for name in names:
-        call, layers = forward_call(name, args.backend, args.graph, device, dtype, args.tiny)
+        train = WORKLOADS[name].train
+        if train:
+            call, layers = train_call(name, args.backend, args.graph, device, args.tiny)
+        else:
+            call, layers = forward_call(name, args.backend, args.graph, device, dtype, args.tiny)
         groups, wall_ms = profile_calls(call, args.iters, device)
-        how = "CUDA graph" if args.graph else "eager"
+        if train:
+            how, precision, calls = ("compiled, reduce-overhead" if args.graph else "eager"), "bf16 autocast", "steps"
+        else:
+            how, precision, calls = ("CUDA graph" if args.graph else "eager"), str(dtype).split(".")[-1], "forwards"
         print(f"\n# {WORKLOADS[name].title}{' [tiny]' if args.tiny else ''}, {how}, backend {args.backend}, "
-              f"{str(dtype).split('.')[-1]}, {gpu}, {args.iters} forwards")
-        print(table(groups, wall_ms, layers, "µs GPU" if on_gpu else "µs CPU"), flush=True)
+              f"{precision}, {gpu}, {args.iters} {calls}")
+        print(table(groups, wall_ms, layers, "µs GPU" if on_gpu else "µs CPU", "step" if train else "fwd"), flush=True)
     return 0
 
 

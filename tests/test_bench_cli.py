@@ -294,7 +294,11 @@ def test_kernel_profile_groups_and_prints(capsys):
     assert "lengths 32..512 [tiny], eager, backend auto" in out
     on_gpu = torch.cuda.is_available()  # on a GPU the tables list kernels, on a CPU operators
     assert ("sum of kernels" if on_gpu else "sum of operators") in out and "wall time per forward" in out
-    assert kp.main(["--workloads", "train-base-b32-s128", "--tiny"]) == 2
+    assert kp.main(["--workloads", "pretrain-base-b32-s128", "--tiny"]) == 2  # a whole run, not one call
+    assert kp.main(["--tiny", "--iters", "2", "--workloads", "train-base-b32-s128"]) == 0
+    out = capsys.readouterr().out
+    assert "train BERT-base B=32 S=128 (bf16 autocast) [tiny], eager, backend auto, bf16 autocast" in out
+    assert "wall time per step" in out
 
 
 def test_model_pairs_run_in_the_order_a_time_limit_should_cut():
