@@ -152,8 +152,9 @@ if [ "$TUNE_LEFT" -ge 45 ]; then
 fi
 
 # 6. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
-#    on this machine's CPU, next to eager PyTorch.
-step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model
+#    on this machine's CPU, next to eager PyTorch, and where each backward's host time goes
+#    (cProfile, in bench.log).
+step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model --profile
 sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
 # 6b. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
