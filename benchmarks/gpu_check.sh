@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
-# GPU tests, the launch-config sweep (benchmarks/tune.py: the fused GEMM, every kernel with
-# GPU_CHECK_TUNE=1), the host cost per op call (benchmarks/host.py), the kernel time per
-# forward (benchmarks/kernel_profile.py), and the rest of the test suite on the GPU, each
-# with whatever time is left.
+# GPU tests and the rest of the test suite on the GPU, the launch-config sweep
+# (benchmarks/tune.py: the fused GEMM, every kernel with GPU_CHECK_TUNE=1), the host cost per
+# op call (benchmarks/host.py) and the kernel time per forward and per training step
+# (benchmarks/kernel_profile.py), each with whatever time is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
@@ -80,7 +80,7 @@ EOF
 # 2. The quick benchmark; it stops starting new measurements before its limit and writes
 #    its report as it goes, so a cut leaves every finished number.
 LEFT=$((TOTAL - SECONDS - 200))
-BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-300} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-300}))
+BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-270} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-270}))
 MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
 step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
 
@@ -126,7 +126,8 @@ else
 fi
 rm -f "$SNIPPET"
 
-# 4. The GPU tests (BERT shapes, every dtype); the rest of the suite on the GPU machine last.
+# 4. The GPU tests (BERT shapes, every dtype), then the rest of the suite on the GPU machine
+#    (it runs the CPU suite's tests on CUDA tensors, which found GPU-only failures before).
 # -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
 # still names its failures.
 XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "-q --maxfail=10")
@@ -134,6 +135,8 @@ XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --tim
 export FASTBERT_FAILURE_LOG=$(mktemp /tmp/fastbert_failures_XXXX.txt)
 PYTEST="$PY -m pytest tests -rfE --tb=short -p no:cacheprovider $XDIST"
 step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+step "tests (rest, on GPU)" 120 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # 5. The launch-config sweep, before the host cost and the profile (their numbers are in PERF.md): the fused
@@ -176,8 +179,6 @@ done
 sed -n '/^# \(train \)\?BERT-base B=32 S=128\( (bf16 autocast)\)\?, \(CUDA graph\|eager\|compiled\)/,/^GPU idle/p' "$OUT/bench.log" \
     | tee -a "$SUMMARY"
 
-step "tests (rest, on GPU)" 150 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
-grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 say ""
 say "== summary (${SECONDS}s) =="
