@@ -9,6 +9,8 @@ Forward only, each row on the same x (M × K) and W (N × K):
 - "eager": ``F.gelu(F.linear(x, W, b))``;
 - "cublas": ``F.linear(x, W, b)`` alone, the GEMM with no activation: the time the fused
   kernel would reach if its epilogue were free;
+- on a GPU, "fastbert-no-gelu": the fused kernel with its GELU left out (bias only), so that
+  its time splits into main loop (against "cublas") and GELU epilogue (against "fastbert");
 - on a GPU, the tanh form both ways: "fastbert-tanh" (the fused kernel) and
   "cublaslt-gelu-tanh", ``torch._addmm_activation(b, x, W.T, use_gelu=True)``, cuBLASLt's
   GELU_BIAS epilogue. cuBLASLt's GELU is the tanh approximation (and that call is the exact
@@ -61,6 +63,8 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
         else:
             x, w, b = leaves
             impls["fastbert-tanh"] = triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b, "tanh"))
+            from fastbert.kernels.linear_gelu import linear_bias
+            impls["fastbert-no-gelu"] = lambda x=x, w=w, b=b: linear_bias(x, w, b)
             impls["cublaslt-gelu-tanh"] = lambda x=x, w=w, b=b: torch._addmm_activation(b, x, w.t(), use_gelu=True)
         el = torch.empty((), dtype=dtype).element_size()
         nbytes = {"fwd": (m * k + n * k + n + m * n) * el}

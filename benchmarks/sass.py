@@ -108,7 +108,7 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
     sig = {"X": f16, "W": f16, "B": f16, "Y": f16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_wn": "i32"}
     const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-             "TANH": False, "EVEN_K": True, "IEEE": False}
+             "TANH": False, "EVEN_K": True, "IEEE": False, "GELU": True}
     out.append(("linear_gelu fwd 4096x768->3072 (128x128x64)", lg._linear_gelu_fwd, sig, const,
                 ["X", "W", "B", "Y", "N", "K", "stride_xm", "stride_wn"], cfg.num_warps, 0, 0))
     return out

@@ -43,6 +43,7 @@ def _linear_gelu_fwd(
     M, N, K, stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TANH: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    GELU: tl.constexpr = True,  # False: bias only (benchmarks time the main loop without the GELU)
 ):
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"  # fp32 inputs: exact fp32 products
     pid = tl.program_id(0)
@@ -73,8 +74,9 @@ def _linear_gelu_fwd(
         w_ptrs += BLOCK_K
 
     col_ok = cols < N
-    h = acc + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y, _ = _gelu_and_grad(h, TANH, False)
+    y = acc + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y, _ = _gelu_and_grad(y, TANH, False)
     ok = (rows < M)[:, None] & col_ok[None, :]
     tl.store(Y + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
@@ -107,6 +109,17 @@ def gemm_config(device: torch.device, dtype: torch.dtype, n: int, k: int) -> Gem
 
 @fastbert_op("fastbert::linear_gelu_fwd", _linear_gelu_fwd)
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tanh: bool) -> torch.Tensor:
+    return _launch_gemm(x, weight, bias, tanh, True)
+
+
+def linear_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias through the same GEMM with the GELU left out: not an op of the
+    library, a benchmark's way to split the fused kernel's time between its main loop and its
+    GELU epilogue (``benchmarks/bench_linear_gelu.py``)."""
+    return _launch_gemm(x, weight, bias, False, False)
+
+
+def _launch_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tanh: bool, gelu: bool) -> torch.Tensor:
     n, k = weight.shape
     m = math.prod(x.shape[:-1])
     check_inputs("linear_gelu", 0, x, weight, bias)
@@ -114,7 +127,8 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tanh: bool) 
     if m == 0 or n == 0:
         return y
     if k == 0:  # an empty product: gelu(bias) on every row
-        return y.copy_(torch.nn.functional.gelu(bias.float(), approximate="tanh" if tanh else "none").expand_as(y))
+        act = torch.nn.functional.gelu(bias.float(), approximate="tanh" if tanh else "none") if gelu else bias
+        return y.copy_(act.expand_as(y))
     x2 = x.reshape(m, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -123,7 +137,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tanh: bool) 
     launch(_linear_gelu_fwd, (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
            x2, w, bias.contiguous(), y, m, n, k, x2.stride(0), w.stride(0),
            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TANH=tanh,
-           EVEN_K=bool(k % cfg.block_k == 0), IEEE=x.dtype == torch.float32,
+           EVEN_K=bool(k % cfg.block_k == 0), IEEE=x.dtype == torch.float32, GELU=gelu,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

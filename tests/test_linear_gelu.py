@@ -53,6 +53,21 @@ def test_matches_reference(lead, k, n, approximate, dtype):
 
 
 @dtype_params()
+def test_the_gemm_without_its_gelu(dtype):
+    """linear_bias, the benchmarks' way to time the main loop alone: the same GEMM with the
+    bias and no GELU, as close to the truth as F.linear in the same dtype."""
+    for lead, k, n in (((33,), 40, 17), ((2, 7), 32, 96)):
+        x, w, b = inputs(lead, k, n, dtype)
+        out = lg_kernels.linear_bias(x, w, b)
+        ref = F.linear(x.double(), w.double(), b.double())
+        same = ref.to(dtype) if dtype == torch.float32 else F.linear(x, w, b)
+        assert out.dtype == dtype and out.shape == (*lead, n)
+        assert_lowp_close(out, same, ref, ATOL[dtype] * max(1.0, k / 64))
+    x, w, b = inputs((3,), 0, 5, dtype)
+    assert torch.equal(lg_kernels.linear_bias(x, w, b), b.expand(3, 5))
+
+
+@dtype_params()
 def test_padded_rows(dtype):
     """Rows of zeros (the padded positions of an unpacked batch) give gelu(bias) exactly as
     the reference does; the rows around them are unaffected."""
@@ -173,8 +188,8 @@ def test_torch_compile_fullgraph():
 
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     """Compiled for sm_90 and sm_80 without a GPU (see tests/test_layernorm.py), at the
-    shipped Hopper configs, both GELU forms, fp16, bf16 and fp32 (exact fp32 products), K a
-    multiple of BLOCK_K or not."""
+    shipped Hopper configs, both GELU forms and none (linear_bias), fp16, bf16 and fp32
+    (exact fp32 products), K a multiple of BLOCK_K or not."""
     monkeypatch.setattr(lg_kernels, "_device_info", lambda device: (132, True))
     monkeypatch.setattr(lg_kernels, "max_shared_mem", lambda device: 232448)  # an H100's opt-in limit
     cfg = lg_kernels.gemm_config(torch.device("cuda"), torch.float16, 3072, 768)
@@ -182,12 +197,13 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
     mod = "fastbert.kernels.linear_gelu"
     specs = []
     fp32 = lg_kernels.gemm_config(torch.device("cuda"), torch.float32, 3072, 768)
-    for dt, tanh, even, c in (("fp16", False, True, cfg), ("bf16", True, False, cfg), ("fp32", False, True, fp32)):
+    for dt, tanh, even, c, gelu in (("fp16", False, True, cfg, True), ("bf16", True, False, cfg, True),
+                                    ("fp32", False, True, fp32, True), ("fp16", False, True, cfg, False)):
         args = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
                 "stride_xm": "i32", "stride_wn": "i32"}
         specs.append((mod, "_linear_gelu_fwd", args,
                       {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m,
-                       "TANH": tanh, "EVEN_K": even, "IEEE": dt == "fp32"}, c.num_warps))
+                       "TANH": tanh, "EVEN_K": even, "IEEE": dt == "fp32", "GELU": gelu}, c.num_warps))
     assert_compiles_for_hopper(specs, tmp_path)
 
 
