@@ -7,8 +7,10 @@
   packed (``cu_seqlens``); eager and SDPA run the same batch padded to 512 with a mask, which
   is what they would be given (``fastbert-padded`` is fastbert on that padded batch).
 
-fastbert: ``fastbert.functional.attention`` under the "triton" backend on q, k, v viewed
-out of one (…, 3, H, D) tensor, as the model calls it. Eager: ``softmax(q kᵀ·scale + mask) v``
+fastbert: ``fastbert.functional.attention_qkv`` under the "triton" backend on one (…, 3, H,
+D) tensor, as the model calls it (its backward writes d qkv as one tensor);
+``fastbert-split``: ``fastbert.functional.attention`` on the q, k, v views of that tensor,
+whose three gradients autograd then stacks into d qkv (the same kernels, plus that copy). Eager: ``softmax(q kᵀ·scale + mask) v``
 as two matmuls and a softmax in the input dtype. SDPA: ``F.scaled_dot_product_attention``
 on (B, H, S, D) views with a boolean (B, 1, 1, S) mask. Modes and the two GPU timers (plain
 ``do_bench`` and CUDA graph) are those of ``bench_layernorm.measure_op``.
@@ -64,7 +66,8 @@ def _padded_impls(qkv: torch.Tensor, mask) -> Dict[str, Callable[[], torch.Tenso
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2)
 
-    return {"fastbert": triton_backend(lambda: fb.attention(*qkv.unbind(2), mask)), "eager": eager, "sdpa": sdpa}
+    return {"fastbert": triton_backend(lambda: fb.attention_qkv(qkv, mask)),
+            "fastbert-split": triton_backend(lambda: fb.attention(*qkv.unbind(2), mask)), "eager": eager, "sdpa": sdpa}
 
 
 def cases(dtype: torch.dtype, device: str, small: bool = False) -> List[Tuple[str, list]]:
@@ -91,11 +94,12 @@ def cases(dtype: torch.dtype, device: str, small: bool = False) -> List[Tuple[st
     padded = _qkv(b, 512, dtype=dtype, device=device)
     impls = _padded_impls(padded, mask)
     impls["fastbert-padded"] = impls.pop("fastbert")
+    del impls["fastbert-split"]
     real = mask.reshape(-1).bool()
     packed = padded.detach().reshape(b * 512, 3, HEADS, DIM)[real].clone().requires_grad_()
     cu = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     longest = int(lengths.max())
-    fast = {"fastbert": triton_backend(lambda: fb.attention(*packed.unbind(1), cu_seqlens=cu, max_seqlen=longest))}
+    fast = {"fastbert": triton_backend(lambda: fb.attention_qkv(packed, cu_seqlens=cu, max_seqlen=longest))}
     out.append((f"varlen {b}x[32,512] H={HEADS} D={DIM} (packed; others padded to 512)",
                 [(fast, [packed], torch.randn_like(packed[:, 0]), flops),
                  (impls, [padded], torch.randn_like(padded[:, :, 0]), flops)]))

@@ -25,9 +25,13 @@ from .common import DTYPES, Measurement, default_device
 
 
 def op_stems() -> Dict[str, str]:
-    """bench stem -> op name, e.g. "layernorm" -> "add_layernorm"."""
+    """bench stem -> op name, e.g. "layernorm" -> "add_layernorm"; a kernel module with two
+    ops (attention, attention_qkv) has one suite, named by its first op."""
     from fastbert.ops import OPS
-    return {op.kernel.split(":")[0].rsplit(".", 1)[-1]: name for name, op in OPS.items()}
+    stems: Dict[str, str] = {}
+    for name, op in OPS.items():
+        stems.setdefault(op.kernel.split(":")[0].rsplit(".", 1)[-1], name)
+    return stems
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

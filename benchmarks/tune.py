@@ -134,7 +134,9 @@ def attention_cases(device, dtype, tiny: bool) -> List[Case]:
     ref = torch.autograd.grad(reference.attention(*ref_leaves), ref_leaves, grad_out.float())
 
     def bwd_only():
-        return attention_bwd.launch_backward(grad_out, q, k, v, out, lse, None, None, None, 0, scale, 0.0)
+        grads = tuple(torch.empty_like(t) for t in (q, k, v))
+        attention_bwd.launch_backward(grad_out, q, k, v, out, lse, None, None, None, 0, scale, 0.0, grads)
+        return grads
     d = max(16, 1 << (q.shape[-1] - 1).bit_length())
     shipped = "m1={} n1={} m2={} n2={} w={} s={}".format(*astuple(attention_bwd.bwd_config(q.device, q.dtype, d, d)))
     cases.append(Case("attention bwd", f"B={q.shape[0]} S={q.shape[1]} no mask", bwd_only, ref,

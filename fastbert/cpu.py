@@ -2,9 +2,9 @@
 PyTorch has a faster composition of the same math (``fastbert.ops``). They compute in fp32
 (fp64 for fp64 inputs) like the references, and are tested against them.
 
-- attention: ``torch.nn.functional.scaled_dot_product_attention`` over the padded layout
-  (the packed one laid out in a grid, as the reference does), about twice as fast on a CPU as
-  the reference's two einsums and softmax at BERT's sizes.
+- attention, attention_qkv: ``torch.nn.functional.scaled_dot_product_attention`` over the
+  padded layout (the packed one laid out in a grid, as the reference does), about twice as
+  fast on a CPU as the reference's two einsums and softmax at BERT's sizes.
 """
 
 from __future__ import annotations
@@ -32,3 +32,9 @@ def _sdpa_padded(q, k, v, keep, scale: float, dropout_p: float):
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
     """``fastbert.reference.attention`` through scaled_dot_product_attention."""
     return attention_by(_sdpa_padded, q, k, v, attention_mask, cu_seqlens, scale, dropout_p)
+
+
+def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """``fastbert.reference.attention_qkv`` through scaled_dot_product_attention."""
+    return attention(*qkv.unbind(-3), attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale,
+                     dropout_p=dropout_p)

@@ -310,7 +310,7 @@ class CUDAGraphRunner:
         None where the input should run padded: unpadding is off, or the attention kernel
         cannot be captured packed (the eager reference reads cu_seqlens on the host)."""
         dtype = next(self.model.parameters()).dtype
-        if not self.unpad or implementation("attention", self.device, dtype) is reference.attention:
+        if not self.unpad or implementation("attention_qkv", self.device, dtype) is reference.attention_qkv:
             return None
         rows = inputs[1].reshape(-1, inputs.shape[-1])
         if attention_mask is None:  # only the bucket's padding: known without reading the device

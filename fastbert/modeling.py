@@ -123,18 +123,18 @@ class BertSelfAttention(nn.Module):
         weight, bias = self.qkv_weight()
         lead = hidden_states.shape[:-1]
         qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.unbind(-3)
         p = self.dropout.p if self.training else 0.0
         if output_attentions or additive_mask is not None:
+            q, k, v = qkv.unbind(-3)
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
             probs = fb.softmax_mask(scores, additive_mask, self.attention_head_size ** -0.5, p)
             context = torch.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
             probs = None
             if packing is not None:
-                context = fb.attention(q, k, v, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen, dropout_p=p)
+                context = fb.attention_qkv(qkv, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen, dropout_p=p)
             else:
-                context = fb.attention(q, k, v, attention_mask, dropout_p=p)
+                context = fb.attention_qkv(qkv, attention_mask, dropout_p=p)
         return context.reshape(*lead, self.all_head_size), probs
 
 

@@ -44,6 +44,7 @@ OPS: Dict[str, Op] = {
            composed="F.linear, then bias_gelu"),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
         Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
+        Op("attention_qkv", reference.attention_qkv, "fastbert.kernels.attention:attention_qkv", cpu=cpu.attention_qkv),
     )
 }
 

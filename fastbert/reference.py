@@ -90,6 +90,13 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     return attention_by(_attention_padded, q, k, v, attention_mask, cu_seqlens, scale, dropout_p)
 
 
+def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """:func:`attention` over q, k, v = qkv.unbind(-3): qkv is (B, S, 3, H, D), or (T, 3, H, D)
+    packed."""
+    return attention(*qkv.unbind(-3), attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale,
+                     dropout_p=dropout_p)
+
+
 def attention_by(padded, q, k, v, attention_mask, cu_seqlens, scale, dropout_p):
     """:func:`attention` through ``padded(q, k, v, keep, scale, dropout_p)``, which takes the
     padded layout and a (B, S_k) boolean key mask (or None). The packed layout is laid out in

@@ -22,7 +22,9 @@ mask for tests.
 
 Both directions are ``torch.library.triton_op`` custom ops (``fastbert::attention_fwd``,
 ``fastbert::attention_bwd``) joined by ``register_autograd``, so autograd and
-``torch.compile(fullgraph=True)`` see through them.
+``torch.compile(fullgraph=True)`` see through them. ``fastbert::attention_qkv_fwd``/``_bwd``
+run the same kernels on one (…, 3, H, D) tensor (the model's fused QKV projection) and give
+its gradient as one tensor, so that no stack of dq, dk, dv follows the backward.
 """
 
 from __future__ import annotations
@@ -274,7 +276,9 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   seed: Optional[torch.Tensor], max_seqlen: int, scale: float,
                   dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the forward's inputs, output and log-sum-exp."""
-    return launch_backward(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p)
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    launch_backward(grad_out, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p, grads)
+    return grads
 
 
 def _setup_context(ctx, inputs, output):
@@ -300,6 +304,52 @@ def _infer(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p):
 _call = register_autograd(attention_fwd, _backward, _setup_context, infer=_infer)
 
 
+# The same kernels on one (…, 3, H, D) tensor, the output of a fused QKV projection: the
+# forward reads q, k and v as its views, and the backward writes their gradients into one
+# tensor of that shape, which autograd hands straight to the projection's backward. With
+# q, k, v as separate inputs, autograd would stack their three gradients into that tensor:
+# a copy of 3·T·H·D elements per layer and step.
+
+@_custom_op("fastbert::attention_qkv_fwd")
+def attention_qkv_fwd(qkv: torch.Tensor, key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                      seed: Optional[torch.Tensor], max_seqlen: int, scale: float,
+                      dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of attention over q, k, v = qkv.unbind(-3)."""
+    return _launch_forward(*qkv.unbind(-3), key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p)
+
+
+@_custom_op("fastbert::attention_qkv_bwd")
+def attention_qkv_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                      max_seqlen: int, scale: float, dropout_p: float) -> torch.Tensor:
+    """The gradient of qkv: dq, dk, dv along its dim -3."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    launch_backward(grad_out, *qkv.unbind(-3), out, lse, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p,
+                    (dqkv,))
+    return dqkv
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, key_mask, cu_seqlens, seed)
+    ctx.meta = (max_seqlen, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_qkv(ctx, grad_out, grad_lse):
+    qkv, out, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
+    dqkv = backward_impl(ctx, attention_qkv_bwd)(grad_out, qkv, out, lse, key_mask, cu_seqlens, seed, *ctx.meta)
+    return dqkv, None, None, None, None, None, None
+
+
+def _infer_qkv(qkv, key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p):
+    return _launch_forward(*qkv.unbind(-3), key_mask, cu_seqlens, seed, max_seqlen, scale, dropout_p, store_lse=False)
+
+
+_call_qkv = register_autograd(attention_qkv_fwd, _backward_qkv, _setup_context_qkv, infer=_infer_qkv)
+
+
 # --------------------------------------------------------------------------- public entry points
 
 
@@ -309,20 +359,39 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     For the packed layout ``max_seqlen`` must be at least the longest sequence (as in
     flash-attn); ``fastbert.functional`` computes it when it is not given.
     """
-    dim, dim_v = q.shape[-1], v.shape[-1]
-    if q.dtype == torch.float64 or not (0 < dim <= MAX_HEAD_DIM and 0 < dim_v <= MAX_HEAD_DIM):
+    if not _kernel_runs(q, v):
         return reference.attention(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                    scale=scale, dropout_p=dropout_p)
+    extra = _launch_args(q, k, cu_seqlens, max_seqlen, scale, dropout_p)
+    return _call(q, k, v, attention_mask, cu_seqlens, *extra)[0]
+
+
+def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
+    """The fused kernel behind ``fastbert.functional.attention_qkv``: :func:`attention` over
+    q, k, v = qkv.unbind(-3), whose gradient is one tensor shaped like qkv."""
+    q, k, v = qkv.unbind(-3)
+    if not _kernel_runs(q, v):
+        return reference.attention_qkv(qkv, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       scale=scale, dropout_p=dropout_p)
+    extra = _launch_args(q, k, cu_seqlens, max_seqlen, scale, dropout_p)
+    return _call_qkv(qkv, attention_mask, cu_seqlens, *extra)[0]
+
+
+def _kernel_runs(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """False for what the eager reference runs instead: fp64, head dims over MAX_HEAD_DIM."""
+    return q.dtype != torch.float64 and 0 < q.shape[-1] <= MAX_HEAD_DIM and 0 < v.shape[-1] <= MAX_HEAD_DIM
+
+
+def _launch_args(q, k, cu_seqlens, max_seqlen, scale, dropout_p) -> Tuple[Optional[torch.Tensor], int, float, float]:
+    """(seed, max_seqlen, scale, dropout_p) as the ops take them."""
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    scale = dim ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if dropout_p > 0:
         rows, cols = (max_seqlen, max_seqlen) if cu_seqlens is not None else (q.shape[1], k.shape[1])
         if rows * cols >= 2 ** 31:  # the Philox counter is the int32 query * S_k + key
             raise ValueError(f"fastbert.attention: dropout supports at most 2**31 scores per head, got {rows}x{cols}")
-    seed = draw_seed(float(dropout_p), q.device)
-    out, _ = _call(q, k, v, attention_mask, cu_seqlens, seed, int(max_seqlen or 0), scale, float(dropout_p))
-    return out
+    return draw_seed(float(dropout_p), q.device), int(max_seqlen or 0), scale, float(dropout_p)
 
 
 def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float) -> torch.Tensor:

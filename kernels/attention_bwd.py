@@ -76,7 +76,8 @@ def _attn_bwd_delta(
 @triton.jit(do_not_specialize=["stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"])
 def _attn_bwd(
     Q, K, V, DO,                  # inputs and the output gradient
-    DQ, DK, DV,                   # gradients out (contiguous, shaped like Q, K, V)
+    DQ, DK, DV,                   # gradients out, shaped like Q, K, V; with ONE_GRAD, DQ is the
+                                  # (…, 3, H, D) gradient of all three and DK, DV are not used
     LSE, Delta,                   # fp32 (H, rows): natural-log log-sum-exp (+inf: no real key), rowsum(dO * O)
     KeyMask,                      # (B, S_k) key-padding mask, nonzero = real key (read only if HAS_MASK)
     CuSeqlens,                    # (B+1,) int32 sequence starts (read only if PACKED)
@@ -88,11 +89,13 @@ def _attn_bwd(
     stride_dqb, stride_dqm, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
+    stride_g3,                    # ONE_GRAD: elements from the dq part of DQ to its dk part (dv: twice)
     stride_mb, stride_mn, stride_lh, stride_lb,
     num_heads, seqlen_q, seqlen_k, drop_stride, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    ONE_GRAD: tl.constexpr,
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
@@ -153,10 +156,14 @@ def _attn_bwd(
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
         dk = dk * sm_scale
-        tl.store(DK + b64 * stride_dkb + (start64 + offs_n[:, None]) * stride_dkn + h * stride_dkh + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-        tl.store(DV + b64 * stride_dvb + (start64 + offs_n[:, None]) * stride_dvn + h * stride_dvh + offs_dv[None, :],
-                 dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
+        # With ONE_GRAD every store goes through DQ, so DQ is the one tensor the launch writes.
+        dk_out, dv_out = DK, DV
+        if ONE_GRAD:
+            dk_out, dv_out = DQ + stride_g3, DQ + 2 * stride_g3
+        tl.store(dk_out + b64 * stride_dkb + (start64 + offs_n[:, None]) * stride_dkn + h * stride_dkh + offs_d[None, :],
+                 dk.to(dk_out.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(dv_out + b64 * stride_dvb + (start64 + offs_n[:, None]) * stride_dvn + h * stride_dvh + offs_dv[None, :],
+                 dv.to(dv_out.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
     # Phase 2: dQ for the queries [pid * BLOCK_M2, +BLOCK_M2).
     offs_m = pid * BLOCK_M2 + tl.arange(0, BLOCK_M2)
@@ -256,22 +263,29 @@ def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
 
 
 def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen: int, scale: float,
-                    dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (contiguous, in the input dtype). Called inside the ``fastbert::attention_bwd`` op."""
+                    dropout_p: float, grads: Tuple[torch.Tensor, ...]) -> None:
+    """Write dQ, dK, dV into ``grads``: three tensors shaped like q, k, v, or one (…, 3, H, D)
+    tensor when q, k and v are the three views of one such tensor (the gradient of a fused
+    QKV projection's output, written in place of a stack of three). Called inside the
+    ``fastbert::attention_bwd`` and ``fastbert::attention_qkv_bwd`` ops."""
     packed = cu_seqlens is not None
     heads = q.shape[-2]
     dim, dim_v = int(q.shape[-1]), int(v.shape[-1])  # constexprs: a symbolic head dim is specialized
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if packed:
         batch, seqlen_q, seqlen_k = cu_seqlens.shape[0] - 1, max_seqlen, max_seqlen
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     if batch * heads == 0 or max(seqlen_q, seqlen_k) == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        for g in grads:
+            g.zero_()
+        return
     if triton_interpreted() and is_fake(q):  # the op's fake implementation under the interpreter
-        return dq, dk, dv
+        return
+    one_grad = len(grads) == 1
+    # The kernel reads the three parts' strides from views; with one gradient tensor it writes
+    # all three through it (a tensor a launch writes is passed once), and DK, DV are q.
+    dq, dk, dv = grads[0].unbind(-3) if one_grad else grads
+    written = (grads[0], q, q) if one_grad else grads
     block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
 
     # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout.
@@ -288,14 +302,14 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     programs = max(cdiv(seqlen_k, cfg.block_n1), cdiv(seqlen_q, cfg.block_m2))
     launch(_attn_bwd, (programs, batch * heads),
-        q, k, v, do, dq, dk, dv, lse, delta,
+        q, k, v, do, *written, lse, delta,
         mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(do, packed),
         *strides4(dq, packed)[:3], *strides4(dk, packed)[:3], *strides4(dv, packed)[:3],
+        grads[0].stride(-3) if one_grad else 0,
         *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
         heads, seqlen_q, seqlen_k, seqlen_k, scale, dropout_p,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dq, dk, dv
+        ONE_GRAD=one_grad, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -154,6 +154,75 @@ def test_padded_and_packed_agree():
     assert g_padded.reshape(batch * seqlen, 3, H, 32)[~real].abs().max() == 0  # padded keys get no gradient
 
 
+def _split_and_fused(qkv, grad, seed=0, **kw):
+    """(output, d qkv) of ``attention(*qkv.unbind(-3))`` and of ``attention_qkv(qkv)`` under the
+    triton backend, each from the same torch seed (the dropout seed is drawn from it)."""
+    results = []
+    for fn in (lambda t: fb.attention(*t.unbind(-3), **kw), lambda t: fb.attention_qkv(t, **kw)):
+        leaf = qkv.detach().clone().requires_grad_()
+        torch.manual_seed(seed)
+        with fastbert.use_backend("triton"):
+            out = fn(leaf)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("layout,dtype,dropout", [
+    ("padded", torch.float32, 0.0), ("masked", torch.float16, 0.0), ("masked", torch.float32, 0.2),
+    ("packed", torch.float16, 0.0), ("packed", torch.float32, 0.2),
+], ids=lambda c: str(c).replace("torch.", ""))
+def test_qkv_entry_gives_the_split_entrys_bits(layout, dtype, dropout):
+    """attention_qkv runs the same kernels as attention on the views of qkv, and writes the
+    three gradients into one tensor instead of three that autograd stacks: the output and
+    d qkv are bit for bit those of the split entry (whose every gradient is checked against
+    the reference above), with fully padded rows, empty and length-1 sequences, dropout."""
+    if layout == "packed":
+        lengths = [5, 0, 19, 1, 12]
+        qkv = _fused_qkv(sum(lengths), dim=26, dtype=dtype)
+        kw = dict(cu_seqlens=_cu_seqlens(lengths))
+    else:
+        qkv = _fused_qkv(4, 19, dim=16, dtype=dtype)
+        kw = dict(attention_mask=_keep_mask("mixed", 4, 19) if layout == "masked" else None)
+    grad = randn(*qkv.shape[:-3], H, qkv.shape[-1], dtype=dtype)
+    (out, dqkv), (out_fused, dqkv_fused) = _split_and_fused(qkv, grad, dropout_p=dropout, **kw)
+    assert torch.equal(out_fused, out)
+    assert dqkv_fused.shape == qkv.shape and dqkv_fused.dtype == dtype
+    assert torch.equal(dqkv_fused, dqkv)
+    if layout == "masked":
+        assert out_fused[3].abs().max() == 0 and not dqkv_fused.isnan().any()
+
+
+def test_qkv_entry_matches_reference_and_cpu_composition():
+    """Every implementation of attention_qkv gives attention's answer on the same views."""
+    from fastbert import cpu
+
+    qkv = _fused_qkv(3, 11, dim=16, dtype=torch.float32)
+    mask = _keep_mask("mixed", 3, 11)
+    ref = reference.attention(*qkv.unbind(-3), mask)
+    torch.testing.assert_close(reference.attention_qkv(qkv, mask), ref, atol=0, rtol=0)
+    torch.testing.assert_close(cpu.attention_qkv(qkv.cpu(), mask.cpu()), ref.cpu(), atol=2e-6, rtol=1e-5)
+    with fastbert.use_backend("triton"):
+        torch.testing.assert_close(fb.attention_qkv(qkv, mask), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kw,match", [
+    ((2, 9, H, 16), {}, r"qkv must be \(B, S, 3, H, D\) when padded, got \(2, 9, 2, 16\)"),
+    ((2, 9, 4, H, 16), {}, r"qkv must be \(B, S, 3, H, D\) when padded"),
+    ((9, 3, H, 16, 1), dict(cu_seqlens=[0, 9]), r"qkv must be \(T, 3, H, D\) when packed"),
+    ((2, 9, 3, H, 16), dict(attention_mask=(2, 8)), r"attention_mask must be \(batch, key_len\) = \(2, 9\)"),
+])
+def test_qkv_entry_refuses_bad_shapes(shape, kw, match):
+    if "cu_seqlens" in kw:
+        kw = dict(cu_seqlens=torch.tensor(kw["cu_seqlens"], dtype=torch.int32, device=DEVICE))
+    if "attention_mask" in kw:
+        kw = dict(attention_mask=torch.ones(kw["attention_mask"], device=DEVICE))
+    with fastbert.use_backend("triton"), pytest.raises(ValueError, match=f"fastbert.attention_qkv: {match}"):
+        fb.attention_qkv(randn(*shape), **kw)
+    with pytest.raises(ValueError, match="fastbert.attention_qkv: qkv must be float16, bfloat16, float32 or float64"):
+        fb.attention_qkv(torch.zeros(2, 9, 3, H, 16, dtype=torch.int64, device=DEVICE))
+
+
 def test_empty_inputs():
     with fastbert.use_backend("triton"):
         q = randn(0, 5, H, 16, requires_grad=True)
@@ -304,22 +373,32 @@ def test_opcheck():
                           (randn(1, 5, 1, 16), q, k, v, out, lse, None, None, None, 5, 0.25, 0.0))
 
 
+def test_opcheck_qkv():
+    qkv, mask = randn(2, 5, 3, 1, 16), _keep_mask("mixed", 2, 5)
+    torch.library.opcheck(torch.ops.fastbert.attention_qkv_fwd.default, (qkv, mask, None, None, 5, 0.25, 0.0))
+    out, lse = torch.ops.fastbert.attention_qkv_fwd(qkv, mask, None, None, 5, 0.25, 0.0)
+    torch.library.opcheck(torch.ops.fastbert.attention_qkv_bwd.default,
+                          (randn(2, 5, 1, 16), qkv, out, lse, mask, None, None, 5, 0.25, 0.0))
+
+
 def test_torch_compile_fullgraph():
     """Autograd and torch.compile trace the custom ops without graph breaks (aot_eager on the
     CPU; Inductor on the GPU test below)."""
     qkv = randn(2, 9, 3, H, 16, requires_grad=True)
     mask = _keep_mask("mixed", 2, 9)
 
-    def f(qkv):
-        return fb.attention(*qkv.unbind(-3), mask).square().sum()
+    for entry in (lambda qkv: fb.attention(*qkv.unbind(-3), mask), lambda qkv: fb.attention_qkv(qkv, mask)):
+        def f(qkv):
+            return entry(qkv).square().sum()
 
-    with fastbert.use_backend("triton"):
-        eager = f(qkv)  # resolves the kernel outside the compiled region
-        (g_eager,) = torch.autograd.grad(eager, qkv)
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv)
-        (g_compiled,) = torch.autograd.grad(compiled, qkv)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(g_compiled, g_eager)
+        torch._dynamo.reset()
+        with fastbert.use_backend("triton"):
+            eager = f(qkv)  # resolves the kernel outside the compiled region
+            (g_eager,) = torch.autograd.grad(eager, qkv)
+            compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv)
+            (g_compiled,) = torch.autograd.grad(compiled, qkv)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(g_compiled, g_eager)
 
 
 # --------------------------------------------------------------------------- in the model
@@ -332,7 +411,8 @@ def test_model_matches_eager(monkeypatch, unpad):
     eager's parameter gradients, on the unpadded path (default) and with unpad=False."""
     dispatch = fb.implementation
     monkeypatch.setattr(fb, "implementation",
-                        lambda name, device, *dtype: dispatch(name, device, *dtype) if name == "attention" else fastbert.ops.OPS[name].reference)
+                        lambda name, device, *dtype: dispatch(name, device, *dtype) if name.startswith("attention")
+                        else fastbert.ops.OPS[name].reference)
     cfg = fastbert.BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=96, max_position_embeddings=32)
     model = fastbert.BertModel(cfg).to(DEVICE).eval()
@@ -372,7 +452,7 @@ def _arg_types(fn, ptr="*fp16"):
 def test_compiles_for_hopper(tmp_path):
     """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
     at D=64 and 128x64 at D=128, fp32 64x32; backward fp16 32/64 at D=64 and 32/128 at
-    D=128, fp32 32/64), every feature on."""
+    D=128, fp32 32/64, with three gradient tensors and with one), every feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
@@ -389,7 +469,9 @@ def test_compiles_for_hopper(tmp_path):
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
-    for m1, n1, m2, n2, ptr in ((32, 64, 64, 32, "*fp16"), (32, 128, 128, 32, "*fp16"), (32, 64, 64, 32, "*fp32")):
+    for m1, n1, m2, n2, ptr, one_grad in ((32, 64, 64, 32, "*fp16", False), (32, 64, 64, 32, "*fp16", True),
+                                          (32, 128, 128, 32, "*fp16", False), (32, 64, 64, 32, "*fp32", True)):
         specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
-                      dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32"), 4))
+                      dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32",
+                           ONE_GRAD=one_grad), 4))
     assert_compiles_for_hopper(specs, tmp_path)

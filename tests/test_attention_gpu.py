@@ -8,7 +8,7 @@ import torch
 import fastbert
 import test_attention as cpu_tests
 from fastbert import functional as fb
-from test_attention import _check, _cu_seqlens, _keep_mask, _unbind
+from test_attention import _check, _cu_seqlens, _keep_mask, _split_and_fused, _unbind
 from utils import DEVICE, randn
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -45,6 +45,39 @@ def test_gpu_dropout_matches_its_mask():
     cpu_tests.test_dropout_forward_and_backward_use_the_same_mask("padded")
     cpu_tests.test_dropout_forward_and_backward_use_the_same_mask("packed")
     cpu_tests.test_dropout_mask_statistics()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["masked", "packed"])
+def test_gpu_qkv_entry_gives_the_split_entrys_bits(dtype, layout):
+    """The model's entry (one d qkv tensor written by the kernel) against attention on the
+    views of qkv, at BERT-base's heads, with dropout: the same bits."""
+    if layout == "packed":
+        lengths = torch.randint(1, 257, (16,)).tolist()
+        qkv, kw = randn(sum(lengths), 3, 12, 64, dtype=dtype), dict(cu_seqlens=_cu_seqlens(lengths))
+    else:
+        qkv, kw = randn(8, 128, 3, 12, 64, dtype=dtype), dict(attention_mask=_keep_mask("mixed", 8, 128))
+    grad = randn(*qkv.shape[:-3], 12, 64, dtype=dtype)
+    (out, dqkv), (out_fused, dqkv_fused) = _split_and_fused(qkv, grad, dropout_p=0.1, **kw)
+    assert torch.equal(out_fused, out) and torch.equal(dqkv_fused, dqkv)
+
+
+@pytest.mark.gpu
+def test_gpu_qkv_entry_under_inductor():
+    qkv = randn(4, 128, 3, 12, 64, dtype=torch.float16, requires_grad=True)
+    mask = _keep_mask("mixed", 4, 128)
+
+    def f(qkv):
+        return fb.attention_qkv(qkv, mask)
+
+    with fastbert.use_backend("triton"):
+        eager = f(qkv)
+        compiled = torch.compile(f, fullgraph=True)(qkv)
+        torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=2e-3)
+        (g_eager,) = torch.autograd.grad(eager.float().sum(), qkv)
+        (g_compiled,) = torch.autograd.grad(compiled.float().sum(), qkv)
+        torch.testing.assert_close(g_compiled, g_eager, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.gpu

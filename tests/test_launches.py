@@ -118,3 +118,17 @@ def test_attention(launches, grad, layout):
         q, k, v = (randn(2, 9, heads, dim) for _ in range(3))
         _run(lambda q, k, v: fb.attention(q, k, v, mask), q, k, v, grad=grad)
     assert ("_attn_bwd" in launches) == grad
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("layout", ["masked", "packed"])
+def test_attention_qkv(launches, grad, layout):
+    """One gradient tensor for q, k and v: the launch writes it through DQ alone."""
+    if layout == "packed":
+        cu = torch.tensor([0, 3, 11], dtype=torch.int32, device=DEVICE)
+        _run(lambda qkv: fb.attention_qkv(qkv, cu_seqlens=cu, max_seqlen=8), randn(11, 3, 2, 16), grad=grad)
+    else:
+        mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+        mask[1, 4:] = False
+        _run(lambda qkv: fb.attention_qkv(qkv, mask), randn(2, 9, 3, 2, 16), grad=grad)
+    assert ("_attn_bwd" in launches) == grad
