@@ -2,7 +2,7 @@
 # The one script for a GPU machine (see GPU.md): install in place (building the CUDA
 # extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
 # GPU tests and the rest of the test suite on the GPU, the launch-config sweep
-# (benchmarks/tune.py: the fused GEMM, every kernel with GPU_CHECK_TUNE=1), the host cost per
+# (benchmarks/tune.py: the cases with a decision pending, every case with GPU_CHECK_TUNE=1), the host cost per
 # op call (benchmarks/host.py) and the kernel time per forward and per training step
 # (benchmarks/kernel_profile.py), each with whatever time is left.
 #
@@ -139,18 +139,18 @@ grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | te
 step "tests (rest, on GPU)" 120 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# 5. The launch-config sweep, before the host cost and the profile (their numbers are in PERF.md): the fused
-#    GEMM's tiles (linear_gelu, not yet swept on a GPU) by default, every kernel with
-#    GPU_CHECK_TUNE=1 (its log goes to bench.log and its table to the summary; tune-<date>.json
-#    is the eighth file back). The row and attention configs come from the H100 sweep
-#    (benchmarks/PERF.md).
+# 5. The launch-config sweep, before the host cost and the profile (their numbers are in PERF.md):
+#    by default the cases with a decision pending (the attention backward with its delta
+#    fused or not, add_layernorm's backward, the fused GEMM's tiles); every case with
+#    GPU_CHECK_TUNE=1. Its log goes to bench.log and its table to the summary; tune-<date>.json
+#    is the eighth file back. The other configs come from the H100 sweep (benchmarks/PERF.md).
 TUNE_LEFT=$((TOTAL - SECONDS - 30))
-TUNE_OPS=gemm TUNE_MAX=75
-[ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_OPS=attention,rows,gemm TUNE_MAX=180
+TUNE_CASES="attention bwd,add_layernorm bwd,linear_gelu fwd" TUNE_MAX=150
+[ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_CASES="" TUNE_MAX=180
 if [ "$TUNE_LEFT" -ge 45 ]; then
     TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
-    step "tune $TUNE_OPS" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune --ops "$TUNE_OPS" --out "$OUT" \
-        --max-seconds $((TUNE_CAP - 30))
+    step "tune ${TUNE_CASES:-every case}" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune \
+        ${TUNE_CASES:+--cases "$TUNE_CASES"} --out "$OUT" --max-seconds $((TUNE_CAP - 30))
     sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
 fi
 

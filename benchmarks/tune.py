@@ -4,6 +4,7 @@ reference, and prints one table per case with the shipped choice marked.
 
     python -m fastbert.benchmarks.tune                      # all kernels, on the GPU
     python -m fastbert.benchmarks.tune --ops attention --out DIR
+    python -m fastbert.benchmarks.tune --cases "attention bwd,add_layernorm bwd"
 
 Each candidate replaces the kernel module's config function for the duration of its
 timing (``fwd_config``/``bwd_config`` of the attention, ``_tile`` of bias_gelu,
@@ -36,9 +37,12 @@ from .common import default_device, time_ms, triton_backend
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
             (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)]
-# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages)
-ATTN_BWD = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
-            (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2)]
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages[, fused_delta]): the shipped
+# 32/64/64/32 first, then with delta computed in the main kernel (no pre-pass), then the rest.
+ATTN_BWD = [(32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3, True), (32, 64, 64, 32, 4, 2, True),
+            (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
+            (64, 128, 128, 64, 8, 2, True), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2),
+            (64, 64, 64, 64, 4, 2, True)]
 # linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
         (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
@@ -99,6 +103,12 @@ def _attention_inputs(device, dtype, tiny: bool):
     return (q, k, v), (q2, mask), (qp, cu, int(lens.max()))
 
 
+def _bwd_label(c: Sequence) -> str:
+    """The attention backward's config as the tables print it; "fused delta" when the main
+    kernel computes rowsum(dO * O) itself."""
+    return "m1={} n1={} m2={} n2={} w={} s={}".format(*c[:6]) + (" fused delta" if len(c) > 6 and c[6] else "")
+
+
 def attention_cases(device, dtype, tiny: bool) -> List[Case]:
     from fastbert.kernels import attention, attention_bwd
     (q, k, v), (q2, mask), (qp, cu, longest) = _attention_inputs(device, dtype, tiny)
@@ -138,10 +148,10 @@ def attention_cases(device, dtype, tiny: bool) -> List[Case]:
         attention_bwd.launch_backward(grad_out, q, k, v, out, lse, None, None, None, 0, scale, 0.0, grads)
         return grads
     d = max(16, 1 << (q.shape[-1] - 1).bit_length())
-    shipped = "m1={} n1={} m2={} n2={} w={} s={}".format(*astuple(attention_bwd.bwd_config(q.device, q.dtype, d, d)))
+    shipped = _bwd_label(astuple(attention_bwd.bwd_config(q.device, q.dtype, d, d)))
     cases.append(Case("attention bwd", f"B={q.shape[0]} S={q.shape[1]} no mask", bwd_only, ref,
-                      [("m1={} n1={} m2={} n2={} w={} s={}".format(*c), attention_bwd, "bwd_config",
-                        lambda *a, c=c: attention_bwd.BwdConfig(*c)) for c in bwd], shipped))
+                      [(_bwd_label(c), attention_bwd, "bwd_config", lambda *a, c=c: attention_bwd.BwdConfig(*c))
+                       for c in bwd], shipped))
     return cases
 
 
@@ -290,6 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--out", default=None, help="folder for tune-<date>.json")
     p.add_argument("--tiny", action="store_true", help="toy shapes, two candidates per case (checks the script)")
+    p.add_argument("--cases", default=None, metavar="LIST",
+                   help='only the cases whose name starts with one of these, e.g. "attention bwd,add_layernorm bwd"')
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no candidate after this long; the table lists the rest as not run")
     args = p.parse_args(argv)
@@ -310,9 +322,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, object]] = []
     start = time.time()
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    wanted = None if args.cases is None else [c.strip() for c in args.cases.split(",") if c.strip()]
     for op in ops:
         for case in builders[op](device, dtype, args.tiny):
-            rows += measure(case, device, args.tiny, deadline)
+            if wanted is None or any(case.op.startswith(w) for w in wanted):
+                rows += measure(case, device, args.tiny, deadline)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU (interpreter)"
     print(f"# {name}, {dtype_name}, {time.time() - start:.0f} s; "
           "* = the shipped config\n" + table(rows))

@@ -1,6 +1,7 @@
 """Fused attention, part two: the helpers both directions share, and the backward kernels.
 
-The backward is FlashAttention-2's: a pre-pass computes ``delta = rowsum(dO * O)``, then
+The backward is FlashAttention-2's: a pre-pass computes ``delta = rowsum(dO * O)`` (or, with
+``BwdConfig.fused_delta``, the main kernel computes it from O beside each dO tile), then
 one program per block of keys recomputes the probabilities from the saved log-sum-exp and
 accumulates dK and dV over every query block of its sequence, and the same program then
 takes the matching block of queries and accumulates dQ over the key blocks. No atomics, so
@@ -52,6 +53,18 @@ def _dropout_keep(seed, bh, offsets, dropout_p):
     return tl.rand(seed + bh, offsets) >= dropout_p
 
 
+@triton.jit
+def _row_delta(delta_ptr, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od, FUSED: tl.constexpr):
+    """rowsum(dO * O) of the query rows ``offs_m``: read from the pre-pass's output, or (FUSED)
+    computed here from O and the dO tile the caller holds, which saves the pre-pass's launch
+    and its read of O and dO at the cost of reading O once per key block."""
+    if FUSED:
+        o = tl.load(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                    mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    return tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
+
+
 @triton.jit(do_not_specialize=["stride_lh", "stride_lb", "rows"])
 def _attn_bwd_delta(
     O, DO, Delta,                 # output, its gradient, and rowsum(dO * O) (fp32, (H, rows))
@@ -76,9 +89,11 @@ def _attn_bwd_delta(
 @triton.jit(do_not_specialize=["stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"])
 def _attn_bwd(
     Q, K, V, DO,                  # inputs and the output gradient
+    O,                            # the forward's output (read only if FUSED_DELTA)
     DQ, DK, DV,                   # gradients out, shaped like Q, K, V; with ONE_GRAD, DQ is the
                                   # (…, 3, H, D) gradient of all three and DK, DV are not used
     LSE, Delta,                   # fp32 (H, rows): natural-log log-sum-exp (+inf: no real key), rowsum(dO * O)
+                                  # (Delta read only without FUSED_DELTA)
     KeyMask,                      # (B, S_k) key-padding mask, nonzero = real key (read only if HAS_MASK)
     CuSeqlens,                    # (B+1,) int32 sequence starts (read only if PACKED)
     Seed,                         # (1,) int64 dropout seed (read only if DROPOUT)
@@ -86,6 +101,7 @@ def _attn_bwd(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_gb, stride_gm, stride_gh, stride_gd,
+    stride_ob, stride_om, stride_oh, stride_od,
     stride_dqb, stride_dqm, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
@@ -95,7 +111,7 @@ def _attn_bwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    ONE_GRAD: tl.constexpr,
+    ONE_GRAD: tl.constexpr, FUSED_DELTA: tl.constexpr,
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
@@ -109,6 +125,7 @@ def _attn_bwd(
     k_base = K + b64 * stride_kb + start64 * stride_kn + h * stride_kh
     v_base = V + b64 * stride_vb + start64 * stride_vn + h * stride_vh
     g_base = DO + b64 * stride_gb + start64 * stride_gm + h * stride_gh
+    o_base = O + b64 * stride_ob + start64 * stride_om + h * stride_oh
     row_base = h * stride_lh + b64 * stride_lb + start64
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
@@ -142,7 +159,8 @@ def _attn_bwd(
             do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                          mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+            delta = _row_delta(Delta + row_base, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od,
+                               FUSED_DELTA)
             pT = tl.exp2(tl.dot(k, tl.trans(q), None, input_precision=PREC) * qk_scale - lse[None, :])
             if HAS_MASK:
                 pT = tl.where(key_real[:, None], pT, 0.0)
@@ -174,7 +192,8 @@ def _attn_bwd(
         do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                      mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+        delta = _row_delta(Delta + row_base, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od,
+                           FUSED_DELTA)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N2):
             offs_n2 = start_n + tl.arange(0, BLOCK_N2)
@@ -236,6 +255,7 @@ class BwdConfig:
     block_n2: int  # keys per step while accumulating dQ
     num_warps: int
     num_stages: int
+    fused_delta: bool = False  # rowsum(dO * O) inside the main kernel, no pre-pass (see _row_delta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,7 +279,7 @@ def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
     width = (block_d + block_dv) * es
     fixed = max(cfg.block_n1, cfg.block_m2) * width + cfg.block_n1 * cfg.block_m1 * es
     stages = fit_stages(cfg.num_stages, fixed, max(cfg.block_m1, cfg.block_n2) * width, max_shared_mem(device))
-    return BwdConfig(cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, stages)
+    return BwdConfig(cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, stages, cfg.fused_delta)
 
 
 def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen: int, scale: float,
@@ -288,28 +308,31 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     written = (grads[0], q, q) if one_grad else grads
     block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
 
-    # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout.
-    delta = torch.empty_like(lse)
-    rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
-    block = 64 if block_dv <= 128 else 32
-    if rows > 0:
-        launch(_attn_bwd_delta, (cdiv(rows, block), heads, delta_batch),
-            out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
-            rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
-
     cfg = bwd_config(q.device, q.dtype, block_d, block_dv)
+    # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout; unless the
+    # main kernel computes it (fused_delta), and then lse stands in for the unread pointer.
+    delta = lse
+    if not cfg.fused_delta:
+        delta = torch.empty_like(lse)
+        rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
+        block = 64 if block_dv <= 128 else 32
+        if rows > 0:
+            launch(_attn_bwd_delta, (cdiv(rows, block), heads, delta_batch),
+                out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
+                rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
+
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
     programs = max(cdiv(seqlen_k, cfg.block_n1), cdiv(seqlen_q, cfg.block_m2))
     launch(_attn_bwd, (programs, batch * heads),
-        q, k, v, do, *written, lse, delta,
+        q, k, v, do, out, *written, lse, delta,
         mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(do, packed),
-        *strides4(dq, packed)[:3], *strides4(dk, packed)[:3], *strides4(dv, packed)[:3],
+        *strides4(out, packed), *strides4(dq, packed)[:3], *strides4(dk, packed)[:3], *strides4(dv, packed)[:3],
         grads[0].stride(-3) if one_grad else 0,
         *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
         heads, seqlen_q, seqlen_k, seqlen_k, scale, dropout_p,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-        ONE_GRAD=one_grad, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ONE_GRAD=one_grad, FUSED_DELTA=cfg.fused_delta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

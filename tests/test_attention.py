@@ -223,6 +223,30 @@ def test_qkv_entry_refuses_bad_shapes(shape, kw, match):
         fb.attention_qkv(torch.zeros(2, 9, 3, H, 16, dtype=torch.int64, device=DEVICE))
 
 
+@pytest.mark.parametrize("case", ["padded-fp16", "packed-fp32", "dropout-padded", "dropout-packed"])
+def test_fused_delta_matches_reference(monkeypatch, case):
+    """The backward with rowsum(dO * O) computed in its main kernel (BwdConfig.fused_delta, a
+    candidate of the tune sweep) launches no pre-pass and gives the reference's gradients:
+    masks with fully padded rows, packed sequences of length 0 and 1, dropout."""
+    import dataclasses
+
+    from fastbert.kernels import attention_bwd
+
+    shipped = attention_bwd.bwd_config
+    monkeypatch.setattr(attention_bwd, "bwd_config", lambda *a: dataclasses.replace(shipped(*a), fused_delta=True))
+    launched = []
+    real_launch = attention_bwd.launch
+    monkeypatch.setattr(attention_bwd, "launch", lambda k, *a, **kw: (launched.append(k.__name__), real_launch(k, *a, **kw)))
+    if case == "padded-fp16":
+        _check([_fused_qkv(4, 19, dim=16, dtype=torch.float16)], _unbind, attention_mask=_keep_mask("mixed", 4, 19))
+    elif case == "packed-fp32":
+        lengths = [5, 0, 19, 1, 12]
+        _check([_fused_qkv(sum(lengths), dim=26, dtype=torch.float32)], _unbind, cu_seqlens=_cu_seqlens(lengths))
+    else:
+        test_dropout_forward_and_backward_use_the_same_mask(case.split("-")[1])
+    assert launched and set(launched) == {"_attn_bwd"}
+
+
 def test_empty_inputs():
     with fastbert.use_backend("triton"):
         q = randn(0, 5, H, 16, requires_grad=True)
@@ -452,7 +476,8 @@ def _arg_types(fn, ptr="*fp16"):
 def test_compiles_for_hopper(tmp_path):
     """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
     at D=64 and 128x64 at D=128, fp32 64x32; backward fp16 32/64 at D=64 and 32/128 at
-    D=128, fp32 32/64, with three gradient tensors and with one), every feature on."""
+    D=128, fp32 32/64, with three gradient tensors and with one, delta from the pre-pass and
+    fused), every feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
@@ -469,9 +494,11 @@ def test_compiles_for_hopper(tmp_path):
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
-    for m1, n1, m2, n2, ptr, one_grad in ((32, 64, 64, 32, "*fp16", False), (32, 64, 64, 32, "*fp16", True),
-                                          (32, 128, 128, 32, "*fp16", False), (32, 64, 64, 32, "*fp32", True)):
+    for m1, n1, m2, n2, ptr, one_grad, fused in ((32, 64, 64, 32, "*fp16", False, False),
+                                                 (32, 64, 64, 32, "*fp16", True, True),
+                                                 (32, 128, 128, 32, "*fp16", False, False),
+                                                 (32, 64, 64, 32, "*fp32", True, False)):
         specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
                       dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32",
-                           ONE_GRAD=one_grad), 4))
+                           ONE_GRAD=one_grad, FUSED_DELTA=fused), 4))
     assert_compiles_for_hopper(specs, tmp_path)

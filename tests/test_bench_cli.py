@@ -236,6 +236,15 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
     for case in cases:
         assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case
     assert "* = the shipped config" in capsys.readouterr().out
+    assert any(r["config"].endswith("fused delta") for r in rows if r["op"] == "attention bwd"), rows
+
+
+def test_tune_script_runs_only_the_cases_asked_for(tmp_path):
+    from fastbert.benchmarks import tune
+    assert tune.main(["--tiny", "--ops", "attention,rows", "--cases", "attention bwd, add_layernorm bwd",
+                      "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.iterdir()
+    assert {r["op"] for r in json.loads(path.read_text())["rows"]} == {"attention bwd", "add_layernorm bwd"}
 
 
 def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
