@@ -285,6 +285,30 @@ def _ln_args(x, w):
     return fwd, bwd
 
 
+@pytest.mark.parametrize("k,g,n", [(3, 300, 50), (1, 700, 70), (2, 1, 33)])
+def test_sum_partials_at_the_gpu_config(monkeypatch, k, g, n):
+    """The partial sums with the block sizes the GPU gets (one step up to 512 partials, more
+    steps beyond), run here by the interpreter: each output is its column sum, in its dtype."""
+    monkeypatch.setattr(kernels, "interpreted", lambda kernel: False)
+    monkeypatch.setattr(kernels, "_device_info", lambda device: (132, True))
+    part = randn(k, g, n, dtype=torch.float32)
+    outs = [torch.empty(n, dtype=d, device=DEVICE) for d in (torch.float32, torch.float16, torch.bfloat16)[:k]]
+    kernels.sum_partials(part, outs)
+    for out, want in zip(outs, part.double().sum(1)):
+        torch.testing.assert_close(out.double(), want.to(out.dtype).double(), atol=2e-5 if out.dtype == torch.float32 else 0,
+                                   rtol=1e-5 if out.dtype == torch.float32 else 8e-3)
+
+
+def test_partials_config_reads_each_column_in_one_step(monkeypatch):
+    """On an H100 (132 SMs): every partial of a column in one step up to 512 partials, and at
+    least one program per SM where 16-column programs allow it."""
+    monkeypatch.setattr(kernels, "_device_info", lambda device: (132, True))
+    for k, g, n in ((3, 264, 768), (1, 258, 3072), (2, 1056, 1024)):
+        block_n, block_g, warps = kernels.partials_config(k, g, n, torch.device("cuda"))
+        assert block_g >= min(g, 512) and block_g * block_n <= 8192 and warps in (4, 8)
+        assert kernels.cdiv(n, block_n) * k >= 132 or block_n == 16
+
+
 def test_compiles_for_hopper(monkeypatch, tmp_path):
     mod = "fastbert.kernels.layernorm"
     fwd, bwd = _ln_args("*fp16", "*fp32")
@@ -295,8 +319,11 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn, STATS=True), fwarps),
         (mod, "_add_layernorm_fwd", fwd, dict(flags, BLOCK_M=fm, BLOCK_N=fn, STATS=False), fwarps),
         (mod, "_add_layernorm_bwd", bwd, dict(flags, BLOCK_M=bm, BLOCK_N=bn, STORE_DX=True), warps),
-        (mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
-         {"K": 3, "BLOCK_G": 64, "BLOCK_N": 32}, 4),
+        *[(mod, "_sum_partials", {"PART": "*fp32", "O0": "*fp16", "O1": "*fp32", "O2": "*bf16", "G": "i32", "N": "i32"},
+           {"K": k, "BLOCK_G": bg, "BLOCK_N": bn}, warps)
+          for k, (bn, bg, warps) in ((3, kernels.partials_config(3, 264, 768, torch.device("cuda"))),
+                                     (1, kernels.partials_config(1, 258, 3072, torch.device("cuda"))),
+                                     (2, (32, 64, 4)))],
     ], tmp_path)
 
 
