@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (see GPU.md): install in place (building the CUDA
-# extension for sm_90), the quick benchmark, compute-sanitizer on the CUDA embedding op, the
-# GPU tests and the rest of the test suite on the GPU, the launch-config sweep
-# (benchmarks/tune.py: the cases with a decision pending, every case with GPU_CHECK_TUNE=1), the host cost per
-# op call (benchmarks/host.py) and the kernel time per forward and per training step
-# (benchmarks/kernel_profile.py), each with whatever time is left.
+# The one script for a GPU machine (see GPU.md), most wanted first: install in place (building
+# the CUDA extension for sm_90), the GPU tests, the quick benchmark, the launch-config sweep
+# (benchmarks/tune.py: the cases with a decision pending, every case with GPU_CHECK_TUNE=1),
+# compute-sanitizer on the CUDA embedding op, the kernel time per forward and per training
+# step (benchmarks/kernel_profile.py), the rest of the test suite on the GPU and the host cost
+# per op call (benchmarks/host.py), each with whatever time is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
@@ -12,8 +12,8 @@
 # console elsewhere): summary.txt, install.log (the build and compute-sanitizer), tests.log,
 # bench.log (with the host-cost and sweep logs), the benchmark's
 # bench-<gpu>-<date>-<commit>.{json,md,png} and tune-<date>.json.
-# The benchmark runs before the test suites so that its numbers come back whatever the tests do;
-# the tests run under pytest-xdist where it is installed (a crashing test then costs one worker,
+# The GPU tests come first, so that a kernel path no GPU has run yet is known right before its
+# numbers are; the tests run under pytest-xdist where it is installed (a crashing test then costs one worker,
 # not the run) with a per-test timeout, and end with one line per failure.
 # Every step runs under `timeout`, within one overall budget (GPU_CHECK_SECONDS, default 460),
 # so a hung step cannot eat the others' time. No network is needed.
@@ -77,14 +77,41 @@ else:
             print(f"fastbert._C.{name}: {type(exc).__name__}: {exc}")
 EOF
 
-# 2. The quick benchmark; it stops starting new measurements before its limit and writes
+# 2. The GPU tests (BERT shapes, every dtype); the rest of the suite runs on the GPU machine
+#    near the end (step 7: it runs the CPU suite's tests on CUDA tensors, which found
+#    GPU-only failures before).
+# -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
+# still names its failures.
+XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "-q --maxfail=10")
+# Each failure and its reason, as it happens (tests/conftest.py), for the summary.
+export FASTBERT_FAILURE_LOG=$(mktemp /tmp/fastbert_failures_XXXX.txt)
+PYTEST="$PY -m pytest tests -rfE --tb=short -p no:cacheprovider $XDIST"
+step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 3. The quick benchmark; it stops starting new measurements before its limit and writes
 #    its report as it goes, so a cut leaves every finished number.
 LEFT=$((TOTAL - SECONDS - 200))
 BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-270} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-270}))
 MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
 step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
 
-# 3. compute-sanitizer memcheck on the CUDA embedding op: odd and BERT sizes, every dtype,
+# 4. The launch-config sweep: by default the cases with a decision pending (the attention
+#    backward with its delta fused or not, add_layernorm's and bias_gelu's backward); every
+#    case with GPU_CHECK_TUNE=1. Its log goes to bench.log and its table to the summary;
+#    tune-<date>.json is the eighth file back. The other configs come from the H100 sweep
+#    (benchmarks/PERF.md).
+TUNE_LEFT=$((TOTAL - SECONDS - 30))
+TUNE_CASES="attention bwd,add_layernorm bwd,bias_gelu bwd" TUNE_MAX=120
+[ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_CASES="" TUNE_MAX=180
+if [ "$TUNE_LEFT" -ge 45 ]; then
+    TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
+    step "tune ${TUNE_CASES:-every case}" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune \
+        ${TUNE_CASES:+--cases "$TUNE_CASES"} --out "$OUT" --max-seconds $((TUNE_CAP - 30))
+    sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
+fi
+
+# 5. compute-sanitizer memcheck on the CUDA embedding op: odd and BERT sizes, every dtype,
 #    forward and backward, and ids out of range (must raise, never read out of bounds).
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 SNIPPET=$(mktemp /tmp/fastbert_sanitize_XXXX.py)
@@ -126,44 +153,10 @@ else
 fi
 rm -f "$SNIPPET"
 
-# 4. The GPU tests (BERT shapes, every dtype), then the rest of the suite on the GPU machine
-#    (it runs the CPU suite's tests on CUDA tensors, which found GPU-only failures before).
-# -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
-# still names its failures.
-XDIST=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-v -n 8 --timeout 150" || echo "-q --maxfail=10")
-# Each failure and its reason, as it happens (tests/conftest.py), for the summary.
-export FASTBERT_FAILURE_LOG=$(mktemp /tmp/fastbert_failures_XXXX.txt)
-PYTEST="$PY -m pytest tests -rfE --tb=short -p no:cacheprovider $XDIST"
-step "tests -m gpu" 150 "$OUT/tests.log" $PYTEST -m gpu
-grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
-step "tests (rest, on GPU)" 120 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
-grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
-
-# 5. The launch-config sweep, before the host cost and the profile (their numbers are in PERF.md):
-#    by default the cases with a decision pending (the attention backward with its delta
-#    fused or not, add_layernorm's backward, the fused GEMM's tiles); every case with
-#    GPU_CHECK_TUNE=1. Its log goes to bench.log and its table to the summary; tune-<date>.json
-#    is the eighth file back. The other configs come from the H100 sweep (benchmarks/PERF.md).
-TUNE_LEFT=$((TOTAL - SECONDS - 30))
-TUNE_CASES="attention bwd,add_layernorm bwd,linear_gelu fwd" TUNE_MAX=150
-[ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_CASES="" TUNE_MAX=180
-if [ "$TUNE_LEFT" -ge 45 ]; then
-    TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
-    step "tune ${TUNE_CASES:-every case}" "$TUNE_CAP" "$OUT/bench.log" $PY -m fastbert.benchmarks.tune \
-        ${TUNE_CASES:+--cases "$TUNE_CASES"} --out "$OUT" --max-seconds $((TUNE_CAP - 30))
-    sed -n '/^# .*shipped config/,/^wrote /p' "$OUT/bench.log" | tee -a "$SUMMARY"
-fi
-
-# 6. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
-#    on this machine's CPU, next to eager PyTorch, and where each backward's host time goes
-#    (cProfile, in bench.log).
-step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model --profile
-sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
-
-# 6b. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
-#     kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
-#     (the gaps are the host's). GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
-#     feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
+# 6. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
+#    kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
+#    (the gaps are the host's). GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
+#    feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
 for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
     for graph in --graph ""; do
         step "kernel profile ($backend${graph:+, graph})" 40 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
@@ -178,6 +171,17 @@ for graph in ${GPU_CHECK_PROFILE_TRAIN:+--graph} ""; do
 done
 sed -n '/^# \(train \)\?BERT-base B=32 S=128\( (bf16 autocast)\)\?, \(CUDA graph\|eager\|compiled\)/,/^GPU idle/p' "$OUT/bench.log" \
     | tee -a "$SUMMARY"
+
+
+# 7. The rest of the suite, on the GPU machine.
+step "tests (rest, on GPU)" 120 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 8. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
+#    on this machine's CPU, next to eager PyTorch, and where each backward's host time goes
+#    (cProfile, in bench.log).
+step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model --profile
+sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
 
 say ""

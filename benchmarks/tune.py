@@ -170,13 +170,15 @@ def _row_candidates(n: int, module, name: str, tiny: bool, max_n: Optional[int] 
     return out
 
 
-def _bwd_candidates(n: int, module, tiny: bool):
-    """add_layernorm's backward: tile, warps and programs per SM (each program walks a run of
-    rows and leaves one partial sum per column)."""
+def _bwd_candidates(n: int, module, tiny: bool, tiles=(1024, 2048, 4096), warp_counts=(2, 4, 8), max_n=None):
+    """A row kernel's backward (add_layernorm's, bias_gelu's): tile, warps and programs per SM
+    (each program walks a run of rows and leaves one partial sum per column). Columns are
+    the whole row, or at most ``max_n`` of it."""
     block_n = 1 << max(n - 1, 0).bit_length()
+    block_n = block_n if max_n is None else min(block_n, max_n)
     out = []
-    for tile in ((2048,) if tiny else (1024, 2048, 4096)):
-        for warps in ((4,) if tiny else (2, 4, 8)):
+    for tile in ((2048,) if tiny else tiles):
+        for warps in ((4,) if tiny else warp_counts):
             for per_sm in ((2, 4) if tiny else (2, 4, 8)):
                 block_m = max(1, tile // block_n)
                 out.append((f"BM={block_m} BN={block_n} w={warps} per_sm={per_sm}", module, "bwd_config",
@@ -197,6 +199,13 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
         cases.append(Case("bias_gelu fwd", f"{m}x{n}", triton_backend(lambda x=x, b=b: fb.bias_gelu(x, b)),
                           reference.bias_gelu(x.float(), b.float()), _row_candidates(n, gelu, "_tile", tiny, 1024),
                           "BM={} BN={} w={}".format(*gelu._tile(n, x.device, gelu.FWD_ELEMS))))
+        dy = t(m, n)
+        leaves = [v.float().requires_grad_() for v in (x, b)]
+        with torch.enable_grad():
+            ref_bwd = torch.autograd.grad(reference.bias_gelu(*leaves), leaves, dy.float())
+        cases.append(Case("bias_gelu bwd", f"{m}x{n}", lambda dy=dy, x=x, b=b: torch.ops.fastbert.bias_gelu_bwd(dy, x, b, False), ref_bwd,
+                          _bwd_candidates(n, gelu, tiny, (4096, 8192, 16384), (4, 8, 16), 1024),
+                          "BM={} BN={} w={} per_sm={}".format(*gelu.bwd_config(n, x.device))))
         m, n = (64, 48) if tiny else (4096, 768)
         x, r, w, bb, xb = t(m, n), t(m, n), t(n), t(n), t(n)
         cases.append(Case("add_layernorm fwd", f"{m}x{n}",

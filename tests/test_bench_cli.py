@@ -230,8 +230,8 @@ def test_tune_script_runs_every_case(tmp_path, capsys):
     (path,) = tmp_path.iterdir()
     rows = json.loads(path.read_text())["rows"]
     cases = {(r["op"], r["shape"]) for r in rows}
-    assert {op for op, _ in cases} == {"attention fwd", "attention bwd", "bias_gelu fwd", "add_layernorm fwd",
-                                       "add_layernorm bwd", "softmax_mask fwd", "linear_gelu fwd"}
+    assert {op for op, _ in cases} == {"attention fwd", "attention bwd", "bias_gelu fwd", "bias_gelu bwd",
+                                       "add_layernorm fwd", "add_layernorm bwd", "softmax_mask fwd", "linear_gelu fwd"}
     assert all("error" not in r and r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows), rows
     for case in cases:
         assert sum(r["shipped"] for r in rows if (r["op"], r["shape"]) == case) == 1, case

@@ -47,3 +47,4 @@ def test_cpu_composition_matches_the_reference(layout, dtype):
         assert (out[3] == 0).all()  # the fully padded sequence (the "mixed" mask's fourth row)
     fastbert.set_backend("auto")
     assert fastbert.ops.implementation("attention", torch.device("cpu"), dtype) is cpu.attention
+    assert fastbert.ops.implementation("attention_qkv", torch.device("cpu"), dtype) is cpu.attention_qkv
