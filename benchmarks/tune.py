@@ -37,12 +37,14 @@ from .common import default_device, time_ms, triton_backend
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
             (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)]
-# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages[, fused_delta]): the shipped
-# 32/64/64/32 first, then with delta computed in the main kernel (no pre-pass), then the rest.
-ATTN_BWD = [(32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3, True), (32, 64, 64, 32, 4, 2, True),
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages[, fused_delta[, atomic_dq]]):
+# the shipped 32/64/64/32 first, then with delta computed in the main kernel (no pre-pass),
+# with dQ added up by atomic adds (no dQ pass; BLOCK_M2, BLOCK_N2 unused), then the rest.
+ATTN_BWD = [(32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3, True), (32, 64, 64, 32, 4, 3, False, True),
+            (32, 64, 64, 32, 4, 3, True, True), (32, 128, 128, 32, 4, 3, True, True),
+            (32, 128, 128, 32, 8, 2, True, True), (64, 128, 128, 64, 8, 2, True, True), (32, 64, 64, 32, 4, 2, True),
             (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
-            (64, 128, 128, 64, 8, 2, True), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2),
-            (64, 64, 64, 64, 4, 2, True)]
+            (64, 128, 128, 64, 8, 2, True), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2)]
 # linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
         (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
@@ -105,8 +107,9 @@ def _attention_inputs(device, dtype, tiny: bool):
 
 def _bwd_label(c: Sequence) -> str:
     """The attention backward's config as the tables print it; "fused delta" when the main
-    kernel computes rowsum(dO * O) itself."""
-    return "m1={} n1={} m2={} n2={} w={} s={}".format(*c[:6]) + (" fused delta" if len(c) > 6 and c[6] else "")
+    kernel computes rowsum(dO * O) itself, "atomic dq" when the key-block programs add up dQ."""
+    return ("m1={} n1={} m2={} n2={} w={} s={}".format(*c[:6]) + (" fused delta" if len(c) > 6 and c[6] else "")
+            + (" atomic dq" if len(c) > 7 and c[7] else ""))
 
 
 def attention_cases(device, dtype, tiny: bool) -> List[Case]:

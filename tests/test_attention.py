@@ -223,28 +223,71 @@ def test_qkv_entry_refuses_bad_shapes(shape, kw, match):
         fb.attention_qkv(torch.zeros(2, 9, 3, H, 16, dtype=torch.int64, device=DEVICE))
 
 
-@pytest.mark.parametrize("case", ["padded-fp16", "packed-fp32", "dropout-padded", "dropout-packed"])
-def test_fused_delta_matches_reference(monkeypatch, case):
-    """The backward with rowsum(dO * O) computed in its main kernel (BwdConfig.fused_delta, a
-    candidate of the tune sweep) launches no pre-pass and gives the reference's gradients:
-    masks with fully padded rows, packed sequences of length 0 and 1, dropout."""
+def _backward_variant(monkeypatch, **fields):
+    """Run the backward with the shipped config's ``fields`` replaced; returns the list of
+    (kernel name, launch meta) of every backward launch."""
     import dataclasses
 
     from fastbert.kernels import attention_bwd
 
     shipped = attention_bwd.bwd_config
-    monkeypatch.setattr(attention_bwd, "bwd_config", lambda *a: dataclasses.replace(shipped(*a), fused_delta=True))
+    monkeypatch.setattr(attention_bwd, "bwd_config", lambda *a: dataclasses.replace(shipped(*a), **fields))
     launched = []
     real_launch = attention_bwd.launch
-    monkeypatch.setattr(attention_bwd, "launch", lambda k, *a, **kw: (launched.append(k.__name__), real_launch(k, *a, **kw)))
+    monkeypatch.setattr(attention_bwd, "launch",
+                        lambda k, *a, **kw: (launched.append((k.__name__, kw)), real_launch(k, *a, **kw)))
+    return launched
+
+
+BACKWARD_VARIANTS = [dict(fused_delta=True), dict(atomic_dq=True), dict(fused_delta=True, atomic_dq=True)]
+
+
+@pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("case", ["padded-fp16", "packed-fp32", "qkv-fp16", "dropout-padded", "dropout-packed"])
+def test_backward_variants_match_reference(monkeypatch, fields, case):
+    """The backward's sweep candidates give the reference's gradients: rowsum(dO * O) computed
+    in the main kernel (fused_delta: no pre-pass is launched) and dQ added up by atomic adds
+    in the key-block programs (atomic_dq), alone and together; masks with fully padded rows,
+    packed sequences of length 0 and 1, one d qkv tensor (attention_qkv), dropout."""
+    launched = _backward_variant(monkeypatch, **fields)
     if case == "padded-fp16":
         _check([_fused_qkv(4, 19, dim=16, dtype=torch.float16)], _unbind, attention_mask=_keep_mask("mixed", 4, 19))
     elif case == "packed-fp32":
         lengths = [5, 0, 19, 1, 12]
         _check([_fused_qkv(sum(lengths), dim=26, dtype=torch.float32)], _unbind, cu_seqlens=_cu_seqlens(lengths))
+    elif case == "qkv-fp16":
+        qkv = _fused_qkv(3, 21, dim=16, dtype=torch.float16)
+        grad = randn(3, 21, H, 16, dtype=torch.float16)
+        mask = _keep_mask("mixed", 3, 21)
+        with fastbert.use_backend("triton"):
+            leaf = qkv.clone().requires_grad_()
+            fb.attention_qkv(leaf, mask).backward(grad)
+        ref = qkv.double().requires_grad_()
+        reference.attention(*ref.unbind(-3), mask).backward(grad.double())
+        same = qkv.clone().requires_grad_()
+        _eager_same_dtype(*same.unbind(-3), mask).backward(grad)
+        assert_lowp_close(leaf.grad, same.grad, ref.grad, ATOL[torch.float16], "d qkv")
     else:
         test_dropout_forward_and_backward_use_the_same_mask(case.split("-")[1])
-    assert launched and set(launched) == {"_attn_bwd"}
+    names = {name for name, _ in launched}
+    assert names == ({"_attn_bwd"} if fields.get("fused_delta") else {"_attn_bwd", "_attn_bwd_delta"})
+    assert all(meta["ATOMIC_DQ"] == bool(fields.get("atomic_dq")) for name, meta in launched if name == "_attn_bwd")
+
+
+def test_deterministic_mode_never_adds_dq_atomically(monkeypatch):
+    """Under torch.use_deterministic_algorithms the backward keeps its own dQ pass even where
+    the config asks for atomic adds, and gives the same bits on every run."""
+    launched = _backward_variant(monkeypatch, atomic_dq=True)
+    qkv, mask = _fused_qkv(2, 13, dim=16, dtype=torch.float32), _keep_mask("mixed", 2, 13)
+    grad = randn(2, 13, H, 16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_split_and_fused(qkv, grad, attention_mask=mask)[1][1] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(runs[0], runs[1])
+    assert [meta["ATOMIC_DQ"] for name, meta in launched if name == "_attn_bwd"] == [False] * 4
 
 
 def test_empty_inputs():
@@ -461,7 +504,7 @@ def test_model_matches_eager(monkeypatch, unpad):
 def _arg_types(fn, ptr="*fp16"):
     """{arg: Triton type} for a kernel: tensors in ``ptr`` (fp32 for LSE/Delta, int for masks,
     lengths and seeds), float scalars fp32 (the harness adds fp64), integers i32."""
-    special = {"LSE": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "Keep": "*i8", "CuSeqlens": "*i32", "Seed": "*i64"}
+    special = {"LSE": "*fp32", "Delta": "*fp32", "DQAcc": "*fp32", "KeyMask": "*u8", "Keep": "*i8", "CuSeqlens": "*i32", "Seed": "*i64"}
     types = {}
     for name in inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters:
         if name in ("sm_scale", "dropout_p"):
@@ -477,7 +520,7 @@ def test_compiles_for_hopper(tmp_path):
     """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
     at D=64 and 128x64 at D=128, fp32 64x32; backward fp16 32/64 at D=64 and 32/128 at
     D=128, fp32 32/64, with three gradient tensors and with one, delta from the pre-pass and
-    fused), every feature on."""
+    fused, dQ from its own pass and from atomic adds), every feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
@@ -494,11 +537,12 @@ def test_compiles_for_hopper(tmp_path):
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
-    for m1, n1, m2, n2, ptr, one_grad, fused in ((32, 64, 64, 32, "*fp16", False, False),
-                                                 (32, 64, 64, 32, "*fp16", True, True),
-                                                 (32, 128, 128, 32, "*fp16", False, False),
-                                                 (32, 64, 64, 32, "*fp32", True, False)):
+    for m1, n1, m2, n2, ptr, one_grad, fused, atomic in ((32, 64, 64, 32, "*fp16", False, False, False),
+                                                         (32, 64, 64, 32, "*fp16", True, True, False),
+                                                         (32, 128, 128, 32, "*fp16", True, True, True),
+                                                         (32, 128, 128, 32, "*fp16", False, False, False),
+                                                         (32, 64, 64, 32, "*fp32", True, False, True)):
         specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
                       dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32",
-                           ONE_GRAD=one_grad, FUSED_DELTA=fused), 4))
+                           ONE_GRAD=one_grad, FUSED_DELTA=fused, ATOMIC_DQ=atomic), 4))
     assert_compiles_for_hopper(specs, tmp_path)
