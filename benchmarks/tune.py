@@ -173,7 +173,7 @@ def _row_candidates(n: int, module, name: str, tiny: bool, max_n: Optional[int] 
     return out
 
 
-def _bwd_candidates(n: int, module, tiny: bool, tiles=(1024, 2048, 4096), warp_counts=(2, 4, 8), max_n=None):
+def _bwd_candidates(n: int, module, tiny: bool, tiles=(2048, 4096), warp_counts=(4, 8), max_n=None):
     """A row kernel's backward (add_layernorm's, bias_gelu's): tile, warps and programs per SM
     (each program walks a run of rows and leaves one partial sum per column). Columns are
     the whole row, or at most ``max_n`` of it."""
@@ -207,7 +207,7 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
         with torch.enable_grad():
             ref_bwd = torch.autograd.grad(reference.bias_gelu(*leaves), leaves, dy.float())
         cases.append(Case("bias_gelu bwd", f"{m}x{n}", lambda dy=dy, x=x, b=b: torch.ops.fastbert.bias_gelu_bwd(dy, x, b, False), ref_bwd,
-                          _bwd_candidates(n, gelu, tiny, (4096, 8192, 16384), (4, 8, 16), 1024),
+                          _bwd_candidates(n, gelu, tiny, (4096, 8192), (8, 16), 1024),
                           "BM={} BN={} w={} per_sm={}".format(*gelu.bwd_config(n, x.device))))
         m, n = (64, 48) if tiny else (4096, 768)
         x, r, w, bb, xb = t(m, n), t(m, n), t(n), t(n), t(n)
