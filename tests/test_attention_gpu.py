@@ -8,7 +8,8 @@ import torch
 import fastbert
 import test_attention as cpu_tests
 from fastbert import functional as fb
-from test_attention import _check, _cu_seqlens, _keep_mask, _split_and_fused, _unbind
+from test_attention import (BACKWARD_VARIANTS, _backward_variant, _check, _cu_seqlens, _keep_mask, _split_and_fused,
+                            _unbind)
 from utils import DEVICE, randn
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -45,6 +46,19 @@ def test_gpu_dropout_matches_its_mask():
     cpu_tests.test_dropout_forward_and_backward_use_the_same_mask("padded")
     cpu_tests.test_dropout_forward_and_backward_use_the_same_mask("packed")
     cpu_tests.test_dropout_mask_statistics()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_backward_variants(monkeypatch, fields, dtype):
+    """The backward's sweep candidates (delta in the main kernel, dQ by atomic adds) at
+    BERT-base's heads against the reference: padded with a mask, packed, one d qkv tensor."""
+    _backward_variant(monkeypatch, **fields)
+    _check([randn(8, 128, 3, 12, 64, dtype=dtype)], _unbind, attention_mask=_keep_mask("mixed", 8, 128))
+    lengths = torch.randint(1, 513, (12,)).tolist()
+    _check([randn(sum(lengths), 3, 12, 64, dtype=dtype)], _unbind, cu_seqlens=_cu_seqlens(lengths))
+    cpu_tests.test_backward_variants_match_reference(monkeypatch, fields, "qkv-fp16")
 
 
 @pytest.mark.gpu
