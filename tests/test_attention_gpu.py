@@ -78,10 +78,14 @@ def test_gpu_qkv_entry_gives_the_split_entrys_bits(dtype, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{}, dict(fused_delta=True, atomic_dq=True)], ids=["shipped", "fused+atomic"])
 @pytest.mark.parametrize("entry", ["split", "qkv"])
-def test_gpu_torch_compile_inductor_and_cuda_graphs(entry):
+def test_gpu_torch_compile_inductor_and_cuda_graphs(monkeypatch, entry, variant):
     """Inductor (fullgraph) and a captured CUDA graph agree with eager, forward and d qkv,
-    through attention on the q, k, v views and through attention_qkv."""
+    through attention on the q, k, v views and through attention_qkv, with the shipped
+    backward and with its sweep candidates (whose dQ is written by a copy after the launch)."""
+    _backward_variant(monkeypatch, **variant)
+    torch._dynamo.reset()
     qkv = randn(4, 128, 3, 12, 64, dtype=torch.float16, requires_grad=True)
     mask = _keep_mask("mixed", 4, 128)
 
