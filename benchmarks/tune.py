@@ -39,10 +39,11 @@ ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (12
             (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)]
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages[, fused_delta[, atomic_dq]]):
 # the shipped 32/64/64/32 first, then with delta computed in the main kernel (no pre-pass),
-# with dQ added up by atomic adds (no dQ pass; BLOCK_M2, BLOCK_N2 unused), then the rest.
+# with dQ added up by atomic adds (no dQ pass; BLOCK_M2, BLOCK_N2 unused; with 64-query steps
+# its dS·K is a warpgroup MMA, HGMMA, with 32 an mma.sync, HMMA, in the sm_90 SASS), then the rest.
 ATTN_BWD = [(32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 3, True), (32, 64, 64, 32, 4, 3, False, True),
             (32, 64, 64, 32, 4, 3, True, True), (32, 128, 128, 32, 4, 3, True, True),
-            (32, 128, 128, 32, 8, 2, True, True), (64, 128, 128, 64, 8, 2, True, True), (32, 64, 64, 32, 4, 2, True),
+            (64, 64, 64, 64, 4, 2, True, True), (64, 128, 128, 64, 8, 2, True, True), (32, 64, 64, 32, 4, 2, True),
             (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2),
             (64, 128, 128, 64, 8, 2, True), (16, 64, 64, 16, 4, 3), (64, 64, 64, 64, 4, 2)]
 # linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
