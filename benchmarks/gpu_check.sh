@@ -91,7 +91,7 @@ grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | te
 
 # 3. The quick benchmark; it stops starting new measurements before its limit and writes
 #    its report as it goes, so a cut leaves every finished number.
-LEFT=$((TOTAL - SECONDS - 200))
+LEFT=$((TOTAL - SECONDS - 220))
 BENCH_CAP=$((LEFT < ${GPU_CHECK_BENCH_SECONDS:-270} ? LEFT : ${GPU_CHECK_BENCH_SECONDS:-270}))
 MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
 step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
@@ -102,7 +102,7 @@ step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick
 #    tune-<date>.json is the eighth file back. The other configs come from the H100 sweep
 #    (benchmarks/PERF.md).
 TUNE_LEFT=$((TOTAL - SECONDS - 30))
-TUNE_CASES="attention bwd,add_layernorm bwd,bias_gelu bwd" TUNE_MAX=120
+TUNE_CASES="attention bwd,add_layernorm bwd,bias_gelu bwd" TUNE_MAX=140
 [ "${GPU_CHECK_TUNE:-0}" = 1 ] && TUNE_CASES="" TUNE_MAX=180
 if [ "$TUNE_LEFT" -ge 45 ]; then
     TUNE_CAP=$((TUNE_LEFT < TUNE_MAX ? TUNE_LEFT : TUNE_MAX))
