@@ -170,7 +170,7 @@ def _split_and_fused(qkv, grad, seed=0, **kw):
 
 @pytest.mark.parametrize("layout,dtype,dropout", [
     ("padded", torch.float32, 0.0), ("masked", torch.float16, 0.0), ("masked", torch.float32, 0.2),
-    ("packed", torch.float16, 0.0), ("packed", torch.float32, 0.2),
+    ("packed", torch.float16, 0.0), ("packed", torch.float32, 0.2), ("strided", torch.float16, 0.0),
 ], ids=lambda c: str(c).replace("torch.", ""))
 def test_qkv_entry_gives_the_split_entrys_bits(layout, dtype, dropout):
     """attention_qkv runs the same kernels as attention on the views of qkv, and writes the
@@ -181,6 +181,9 @@ def test_qkv_entry_gives_the_split_entrys_bits(layout, dtype, dropout):
         lengths = [5, 0, 19, 1, 12]
         qkv = _fused_qkv(sum(lengths), dim=26, dtype=dtype)
         kw = dict(cu_seqlens=_cu_seqlens(lengths))
+    elif layout == "strided":  # a (B, 3, S, H, D) tensor seen as (B, S, 3, H, D): read through its strides
+        qkv = randn(4, 3, 19, H, 16, dtype=dtype).transpose(1, 2)
+        kw = dict(attention_mask=_keep_mask("mixed", 4, 19))
     else:
         qkv = _fused_qkv(4, 19, dim=16, dtype=dtype)
         kw = dict(attention_mask=_keep_mask("mixed", 4, 19) if layout == "masked" else None)
@@ -189,7 +192,7 @@ def test_qkv_entry_gives_the_split_entrys_bits(layout, dtype, dropout):
     assert torch.equal(out_fused, out)
     assert dqkv_fused.shape == qkv.shape and dqkv_fused.dtype == dtype
     assert torch.equal(dqkv_fused, dqkv)
-    if layout == "masked":
+    if layout in ("masked", "strided"):
         assert out_fused[3].abs().max() == 0 and not dqkv_fused.isnan().any()
 
 
