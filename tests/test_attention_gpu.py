@@ -1,6 +1,7 @@
 """Fused attention on a GPU: BERT shapes in every dtype, long packed batches, scattered masks,
-dropout against its mask, and Inductor with CUDA graphs. The helpers and the CPU tests:
-tests/test_attention.py."""
+dropout against its mask, the fused-QKV entry and the backward's sweep candidates, and
+Inductor with CUDA graphs. The helpers and the CPU tests: tests/test_attention.py and
+tests/test_attention_bwd.py."""
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import torch
 import fastbert
 import test_attention as cpu_tests
 from fastbert import functional as fb
-from test_attention import (BACKWARD_VARIANTS, _backward_variant, _check, _cu_seqlens, _keep_mask, _split_and_fused,
-                            _unbind)
+import test_attention_bwd as bwd_tests
+from test_attention import _check, _cu_seqlens, _keep_mask, _unbind
+from test_attention_bwd import BACKWARD_VARIANTS, _backward_variant, _split_and_fused
 from utils import DEVICE, randn
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -58,7 +60,7 @@ def test_gpu_backward_variants(monkeypatch, fields, dtype):
     _check([randn(8, 128, 3, 12, 64, dtype=dtype)], _unbind, attention_mask=_keep_mask("mixed", 8, 128))
     lengths = torch.randint(1, 513, (12,)).tolist()
     _check([randn(sum(lengths), 3, 12, 64, dtype=dtype)], _unbind, cu_seqlens=_cu_seqlens(lengths))
-    cpu_tests.test_backward_variants_match_reference(monkeypatch, fields, "qkv-fp16")
+    bwd_tests.test_backward_variants_match_reference(monkeypatch, fields, "qkv-fp16")
 
 
 @pytest.mark.gpu
