@@ -8,8 +8,9 @@ takes the matching block of queries and accumulates dQ over the key blocks. No a
 the gradients are deterministic. ``BwdConfig.atomic_dq`` (a sweep candidate, off by default,
 never under ``torch.use_deterministic_algorithms``) instead has the key-block programs add
 dS·K into an fp32 dQ with atomic adds, as FlashAttention-2 does: five block products per
-(query block, key block) pair instead of seven, for atomic traffic and a final cast. Dropout masks are regenerated from the same Philox seed
-and offsets as the forward (see :func:`_dropout_keep`).
+(query block, key block) pair instead of seven, for atomic traffic and a final cast.
+Dropout masks are regenerated from the same Philox seed and offsets as the forward (see
+:func:`_dropout_keep`).
 
 Sequences are addressed the same way in both layouts (see :func:`_seq_bounds`): padded
 (B, S, H, D) tensors use a batch stride and start every sequence at row 0; packed (T, H, D)
@@ -66,6 +67,20 @@ def _row_delta(delta_ptr, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, s
                     mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
         return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     return tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
+
+
+@triton.jit
+def _query_rows(q_base, g_base, o_base, lse_ptr, delta_ptr, offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_om, stride_od, FUSED_DELTA: tl.constexpr):
+    """q and dO of the query rows ``offs_m``, their log-sum-exp in the log2 domain, and delta.
+    Rows past the sequence load lse = +inf, so their probabilities are exactly 0."""
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = _row_delta(delta_ptr, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od, FUSED_DELTA)
+    return q, do, lse, delta
 
 
 @triton.jit(do_not_specialize=["stride_lh", "stride_lb", "rows"])
@@ -159,14 +174,9 @@ def _attn_bwd(
         for start_m in range(0, len_q, BLOCK_M1):
             offs_m = start_m + tl.arange(0, BLOCK_M1)
             m_ok = offs_m < len_q
-            # Rows past the sequence load lse = +inf, so their probabilities are exactly 0.
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = _row_delta(Delta + row_base, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od,
-                               FUSED_DELTA)
+            q, do, lse, delta = _query_rows(q_base, g_base, o_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
+                                            offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd,
+                                            stride_om, stride_od, FUSED_DELTA)
             pT = tl.exp2(tl.dot(k, tl.trans(q), None, input_precision=PREC) * qk_scale - lse[None, :])
             if HAS_MASK:
                 pT = tl.where(key_real[:, None], pT, 0.0)
@@ -201,13 +211,9 @@ def _attn_bwd(
         offs_m = pid * BLOCK_M2 + tl.arange(0, BLOCK_M2)
         if pid * BLOCK_M2 < len_q:
             m_ok = offs_m < len_q
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = _row_delta(Delta + row_base, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od,
-                               FUSED_DELTA)
+            q, do, lse, delta = _query_rows(q_base, g_base, o_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
+                                            offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd,
+                                            stride_om, stride_od, FUSED_DELTA)
             dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N2):
                 offs_n2 = start_n + tl.arange(0, BLOCK_N2)
