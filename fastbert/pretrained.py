@@ -85,6 +85,33 @@ def _legacy_name(key: str) -> str:
     return ".".join(parts)
 
 
+# from_pretrained options of Hugging Face's that concern downloads or its own loading
+# machinery: nothing to do for a local checkpoint loaded whole (fastbert picks its kernels
+# itself, whatever ``attn_implementation`` asks for).
+_HUB_LOADING_KWARGS = ("revision", "cache_dir", "force_download", "resume_download", "proxies", "local_files_only",
+                       "token", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "use_safetensors",
+                       "attn_implementation", "_fast_init")
+
+
+def _device_from_map(device_map, device):
+    """The one device a ``device_map`` names ("cuda", "cuda:1", 0, torch.device, "auto", or
+    a dict that puts everything on one device); fastbert does not split a model."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict):
+        targets = set(device_map.values())
+        if len(targets) != 1:
+            raise ValueError("fastbert places a model on one device; device_map spreads it over "
+                             f"{sorted(map(str, targets))}")
+        device_map = targets.pop()
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    mapped = torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)
+    if device is not None and torch.device(device) != mapped:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree")
+    return mapped
+
+
 class BertPreTrainedModel(nn.Module):
     config_class = BertConfig
     base_model_prefix = "bert"
@@ -225,11 +252,20 @@ class BertPreTrainedModel(nn.Module):
                         strict: bool = False, **kwargs):
         """A model from a local directory (config.json + weights) or a weights file.
 
-        ``dtype`` and ``device`` place the loaded model (``torch_dtype`` is accepted too);
+        ``dtype`` and ``device`` place the loaded model (``torch_dtype`` and a single-device
+        ``device_map`` are accepted too); ``subfolder`` is joined to ``path``; Hugging Face's
+        download and loading options that mean nothing for a local checkpoint (``revision``,
+        ``attn_implementation``…) are accepted and ignored, not written into the config;
         other keyword arguments override config fields (``num_labels=3``…).
         """
         dtype = kwargs.pop("torch_dtype", dtype)
+        device = _device_from_map(kwargs.pop("device_map", None), device)
         path = os.fspath(path)
+        subfolder = kwargs.pop("subfolder", None)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        for key in _HUB_LOADING_KWARGS:
+            kwargs.pop(key, None)
         if config is None:
             config_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
             config = BertConfig.from_pretrained(config_dir)

@@ -114,6 +114,28 @@ def test_legacy_gamma_beta_names(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_hugging_face_loading_options(tmp_path):
+    """from_pretrained takes what HF users pass: a single-device device_map places the model,
+    subfolder is joined to the path, download and loading options are accepted without being
+    written into the config (or into a saved config.json); a split device_map is refused."""
+    _, fb = twins("BertModel", **CFG)
+    fb.save_pretrained(tmp_path / "sub")
+    hub = dict(revision="main", attn_implementation="sdpa", trust_remote_code=True, low_cpu_mem_usage=True,
+               use_safetensors=True, local_files_only=True)
+    for device_map in ("cpu", "auto" if not torch.cuda.is_available() else "cpu", {"": "cpu"}, torch.device("cpu")):
+        loaded = fastbert.BertModel.from_pretrained(tmp_path, subfolder="sub", device_map=device_map, **hub)
+        assert loaded.device.type == "cpu"
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), fb.state_dict().values()))
+    assert not any(hasattr(loaded.config, key) for key in list(hub) + ["device_map", "subfolder"])
+    loaded.save_pretrained(tmp_path / "again")
+    saved = (tmp_path / "again" / "config.json").read_text()
+    assert "revision" not in saved and "attn_implementation" not in saved and "device_map" not in saved
+    with pytest.raises(ValueError, match="one device; device_map spreads it over"):
+        fastbert.BertModel.from_pretrained(tmp_path / "sub", device_map={"embeddings": "cpu", "encoder": "cuda:0"})
+    with pytest.raises(ValueError, match="disagree"):
+        fastbert.BertModel.from_pretrained(tmp_path / "sub", device="cpu", device_map="cuda:1")
+
+
 def test_weights_file_path_and_sharded_index(tmp_path):
     _, fb = twins("BertModel", **CFG)
     fb.save_pretrained(tmp_path)
