@@ -29,7 +29,14 @@ TextInput = Union[str, Sequence[str]]
 
 
 class BatchEncoding(dict):
-    """A dict of model inputs; ``enc.input_ids`` works too, and ``enc.to(device)`` moves tensors."""
+    """A dict of model inputs; ``enc.input_ids`` works too, and ``enc.to(device)`` moves tensors.
+    :meth:`word_ids` and :meth:`sequence_ids` map each token of a row back to its word and its
+    segment, as Hugging Face's fast tokenizers do (to align labels, or to find the context of
+    a question-answering window)."""
+
+    def __init__(self, data=(), maps: Optional[List[Tuple[List[Optional[int]], List[Optional[int]]]]] = None):
+        super().__init__(data)
+        self._maps = maps  # per row: (word ids, sequence ids), None at special and padding tokens
 
     def __getattr__(self, name):
         try:
@@ -38,7 +45,20 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
     def to(self, device) -> "BatchEncoding":
-        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}, self._maps)
+
+    def _map(self, batch_index: int, which: int) -> List[Optional[int]]:
+        if self._maps is None:
+            raise ValueError("this encoding has no token maps (packed output)")
+        return list(self._maps[batch_index][which])
+
+    def word_ids(self, batch_index: int = 0) -> List[Optional[int]]:
+        """The word each token of row ``batch_index`` came from (None for special and padding tokens)."""
+        return self._map(batch_index, 0)
+
+    def sequence_ids(self, batch_index: int = 0) -> List[Optional[int]]:
+        """0 for tokens of the first text, 1 for the pair's, None for special and padding tokens."""
+        return self._map(batch_index, 1)
 
 
 def _special_token(value) -> Optional[str]:
@@ -198,15 +218,15 @@ class BertTokenizer:
 
     # -- encoding -----------------------------------------------------------------------
     def _encode(self, texts: List[str], pairs: Optional[List[str]], add_special_tokens: bool,
-                truncation: Optional[str], max_length: Optional[int]):
+                truncation: Optional[str], max_length: Optional[int], stride: int = 0, words: bool = False):
         with self._lock:
             if truncation is None:
                 self._tok.no_truncation()
             else:
-                self._tok.enable_truncation(max_length, strategy=truncation)
+                self._tok.enable_truncation(max_length, stride=stride, strategy=truncation)
             try:
                 inputs = texts if pairs is None else list(zip(texts, pairs))
-                return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+                return self._tok.encode_batch(inputs, is_pretokenized=words, add_special_tokens=add_special_tokens)
             except Exception as exc:  # the Rust side reports truncation that cannot fit as a plain Exception
                 raise ValueError(f"could not encode with truncation={truncation!r}, max_length={max_length}: {exc}") from None
             finally:
@@ -217,7 +237,8 @@ class BertTokenizer:
                  truncation: Union[bool, str, None] = None, max_length: Optional[int] = None,
                  pad_to_multiple_of: Optional[int] = None, return_tensors: Optional[str] = None,
                  return_attention_mask: bool = True, return_token_type_ids: bool = True,
-                 packed: bool = False) -> BatchEncoding:
+                 return_offsets_mapping: bool = False, return_overflowing_tokens: bool = False, stride: int = 0,
+                 is_split_into_words: bool = False, packed: bool = False) -> BatchEncoding:
         """Encode one text, a pair, or a batch of either.
 
         ``padding``: False (none), True / "longest" (to the longest in the batch) or
@@ -226,8 +247,16 @@ class BertTokenizer:
         or at ``model_max_length`` when that is not given. ``return_tensors="pt"`` gives
         int64 tensors. ``packed=True`` concatenates the sequences without padding and adds
         ``position_ids``, int32 ``cu_seqlens`` (B+1) and ``max_seqlen``.
+
+        ``return_offsets_mapping`` adds each token's (start, end) characters in its own text
+        ((0, 0) for special and padding tokens). ``return_overflowing_tokens`` keeps what
+        truncation cuts as further rows, each window sharing ``stride`` tokens with the one
+        before, and adds ``overflow_to_sample_mapping`` (the input each row came from): the
+        sliding windows of question answering over long contexts. ``is_split_into_words``
+        takes each text as a list of words (token tagging's input; ``word_ids`` then indexes
+        that list).
         """
-        texts, pairs, single = self._as_batch(text, text_pair)
+        texts, pairs, single = (self._as_word_batch if is_split_into_words else self._as_batch)(text, text_pair)
         if truncation not in _TRUNCATION and truncation is not None:
             raise ValueError(f"truncation must be one of {list(_TRUNCATION)}, got {truncation!r}")
         if padding not in _PADDING:
@@ -244,11 +273,28 @@ class BertTokenizer:
             raise ValueError("truncation='only_second' needs text pairs")
         if packed and pad is not None:
             raise ValueError("packed=True concatenates sequences without padding; leave padding=False")
-        encodings = self._encode(texts, pairs, add_special_tokens, strategy, max_length)
+        if not isinstance(stride, int) or stride < 0:
+            raise ValueError(f"stride must be a non-negative int, got {stride!r}")
+        if stride and strategy is None:
+            raise ValueError("stride sets the overlap of the windows that truncation cuts; pass truncation too")
+        if strategy is not None and stride >= max_length:
+            raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
+        encodings = self._encode(texts, pairs, add_special_tokens, strategy, max_length, stride, is_split_into_words)
+        sample = list(range(len(encodings)))
+        if return_overflowing_tokens:  # each input's windows follow it, as in Hugging Face's fast tokenizers
+            sample = [i for i, e in enumerate(encodings) for _ in range(1 + len(e.overflowing))]
+            encodings = [w for e in encodings for w in [e, *e.overflowing]]
         ids = [e.ids for e in encodings]
         types = [e.type_ids for e in encodings]
+        offsets = [[tuple(o) for o in e.offsets] for e in encodings]
+        maps = [(list(e.word_ids), list(e.sequence_ids)) for e in encodings]
+        extra = {}
+        if return_offsets_mapping:
+            extra["offset_mapping"] = offsets
+        if return_overflowing_tokens:
+            extra["overflow_to_sample_mapping"] = sample
         if packed:
-            return self._packed(ids, types, return_tensors, return_token_type_ids)
+            return self._packed(ids, types, return_tensors, return_token_type_ids, extra)
         masks = [[1] * len(x) for x in ids]
         if pad is not None:
             target = max_length if pad == "max_length" else max(len(x) for x in ids)
@@ -257,19 +303,39 @@ class BertTokenizer:
             ids = [x + [self.pad_token_id] * (target - len(x)) for x in ids]
             types = [x + [0] * (target - len(x)) for x in types]
             masks = [x + [0] * (target - len(x)) for x in masks]
+            if return_offsets_mapping:
+                extra["offset_mapping"] = [x + [(0, 0)] * (target - len(x)) for x in offsets]
+            maps = [(w + [None] * (target - len(w)), q + [None] * (target - len(q))) for w, q in maps]
         out = {"input_ids": ids}
         if return_token_type_ids:
             out["token_type_ids"] = types
         if return_attention_mask:
             out["attention_mask"] = masks
+        out.update(extra)
         if return_tensors == "pt":
             if len({len(x) for x in ids}) > 1:
                 raise ValueError("sequences of different lengths cannot form one tensor; "
                                  "pass padding=True (or padding='max_length'), or packed=True")
-            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
-        if single:
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, maps)
+        if single and not return_overflowing_tokens:
             out = {k: v[0] for k, v in out.items()}
-        return BatchEncoding(out)
+        return BatchEncoding(out, maps)
+
+    @staticmethod
+    def _as_word_batch(text, text_pair) -> Tuple[List[List[str]], Optional[List[List[str]]], bool]:
+        """Texts given as lists of words: one list (a single text) or a list of lists."""
+        def is_words(t):
+            return isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t)
+        single = is_words(text)
+        texts = [list(text)] if single else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(is_words(t) for t in texts):
+            raise TypeError("with is_split_into_words=True, text must be a list of words or a list of such lists")
+        if text_pair is None:
+            return texts, None, single
+        pairs = [list(text_pair)] if single else list(text_pair)
+        if len(pairs) != len(texts) or not all(is_words(t) for t in pairs):
+            raise ValueError(f"text_pair must hold one list of words per text ({len(texts)})")
+        return texts, pairs, single
 
     @staticmethod
     def _as_batch(text, text_pair) -> Tuple[List[str], Optional[List[str]], bool]:
@@ -294,7 +360,7 @@ class BertTokenizer:
         return texts, pairs, False
 
     @staticmethod
-    def _packed(ids, types, return_tensors, return_token_type_ids) -> BatchEncoding:
+    def _packed(ids, types, return_tensors, return_token_type_ids, extra) -> BatchEncoding:
         lengths = [len(x) for x in ids]
         cu = [0]
         for n in lengths:
@@ -303,6 +369,10 @@ class BertTokenizer:
         if return_token_type_ids:
             out["token_type_ids"] = [t for x in types for t in x]
         out["position_ids"] = [p for n in lengths for p in range(n)]
+        if "offset_mapping" in extra:
+            out["offset_mapping"] = [o for x in extra["offset_mapping"] for o in x]
+        if "overflow_to_sample_mapping" in extra:
+            out["overflow_to_sample_mapping"] = extra["overflow_to_sample_mapping"]
         if return_tensors == "pt":
             out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
             out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)

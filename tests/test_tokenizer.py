@@ -215,3 +215,63 @@ def test_bad_input_is_named(tiny, tmp_path):
         BertTokenizer.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ours.convert_ids_to_tokens([10_000])
+
+
+QUESTIONS = ["What is the capital?", "Who wrote it?", "Where?"]
+CONTEXTS = ["Paris is the capital of France, and it is a big city with many museums and old streets. " * 3,
+            "Nobody knows.", "Ünïcödé 東京 and café-au-lait, " * 6]
+WORDS = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."], ["Peter", "Blackburn"],
+         ["naïvely", "UNFLINCHINGLY", "東京", "e-mail@example.com"]]
+
+
+def _assert_same_maps(ours, theirs, rows):
+    for i in range(rows):
+        assert ours.word_ids(i) == theirs.word_ids(i), i
+        assert ours.sequence_ids(i) == theirs.sequence_ids(i), i
+
+
+@pytest.mark.parametrize("tensors", [None, "pt"])
+def test_question_answering_windows_match_hf(minilm, tensors):
+    """A long context cut into overlapping windows (truncation="only_second", stride,
+    return_overflowing_tokens), with character offsets: ids, masks, offsets, the row-to-input
+    map and each row's word and sequence ids are Hugging Face's."""
+    ours, theirs = minilm
+    kw = dict(truncation="only_second", max_length=32, stride=8, return_overflowing_tokens=True,
+              return_offsets_mapping=True, padding="max_length", return_tensors=tensors)
+    a, b = ours(QUESTIONS, CONTEXTS, **kw), theirs(QUESTIONS, CONTEXTS, **kw)
+    _assert_same(a, b if tensors else dict(b), "qa windows")
+    rows = len(b["input_ids"])
+    assert rows > len(QUESTIONS)  # the long contexts did overflow
+    _assert_same_maps(a, b, rows)
+    text = CONTEXTS[0]
+    for kw in (dict(return_offsets_mapping=True),
+               dict(truncation=True, max_length=20, stride=5, return_overflowing_tokens=True, return_offsets_mapping=True)):
+        _assert_same(ours(text, **kw), dict(theirs(text, **kw)), f"single {kw}")
+
+
+def test_token_tagging_words_match_hf(minilm):
+    """Pre-split words (is_split_into_words), as token-classification data comes: the same ids
+    and offsets, and word_ids() that map every token back to its word, padding included."""
+    ours, theirs = minilm
+    for kw in (dict(), dict(padding=True, return_offsets_mapping=True), dict(truncation=True, max_length=6, padding=True),
+               dict(padding=True, return_tensors="pt")):
+        a, b = ours(WORDS, is_split_into_words=True, **kw), theirs(WORDS, is_split_into_words=True, **kw)
+        _assert_same(a, b if "return_tensors" in kw else dict(b), f"words {kw}")
+        _assert_same_maps(a, b, len(WORDS))
+    a, b = ours(WORDS[0], WORDS[1], is_split_into_words=True), theirs(WORDS[0], WORDS[1], is_split_into_words=True)
+    _assert_same(a, dict(b), "one pair of word lists")
+    assert a.word_ids() == b.word_ids() and a.sequence_ids() == b.sequence_ids()
+
+
+def test_window_and_word_arguments_are_checked(minilm):
+    ours, _ = minilm
+    with pytest.raises(ValueError, match="pass truncation too"):
+        ours(CONTEXTS[0], stride=4)
+    with pytest.raises(ValueError, match=r"stride \(16\) must be smaller than max_length \(16\)"):
+        ours(CONTEXTS[0], truncation=True, max_length=16, stride=16)
+    with pytest.raises(TypeError, match="list of words"):
+        ours("not split", is_split_into_words=True)
+    packed = ours(TEXTS, return_offsets_mapping=True, packed=True)
+    assert len(packed["offset_mapping"]) == len(packed["input_ids"])
+    with pytest.raises(ValueError, match="no token maps"):
+        packed.word_ids(0)
