@@ -88,7 +88,7 @@ def _legacy_name(key: str) -> str:
 # from_pretrained options of Hugging Face's that concern downloads or its own loading
 # machinery: nothing to do for a local checkpoint loaded whole (fastbert picks its kernels
 # itself, whatever ``attn_implementation`` asks for).
-_HUB_LOADING_KWARGS = ("revision", "cache_dir", "force_download", "resume_download", "proxies", "local_files_only",
+HUB_LOADING_KWARGS = ("revision", "cache_dir", "force_download", "resume_download", "proxies", "local_files_only",
                        "token", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "use_safetensors",
                        "attn_implementation", "_fast_init")
 
@@ -264,7 +264,7 @@ class BertPreTrainedModel(nn.Module):
         subfolder = kwargs.pop("subfolder", None)
         if subfolder:
             path = os.path.join(path, subfolder)
-        for key in _HUB_LOADING_KWARGS:
+        for key in HUB_LOADING_KWARGS:
             kwargs.pop(key, None)
         if config is None:
             config_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .pretrained import HUB_LOADING_KWARGS
+
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -142,8 +144,15 @@ class BertTokenizer:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **overrides) -> "BertTokenizer":
         """From a directory (tokenizer.json preferred, else vocab.txt; tokenizer_config.json
-        and special_tokens_map.json when present) or from a vocab file."""
+        and special_tokens_map.json when present) or from a vocab file. ``subfolder`` is
+        joined to ``path``; Hugging Face's download options and ``use_fast`` are accepted
+        and ignored."""
         path = os.fspath(path)
+        subfolder = overrides.pop("subfolder", None)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        for key in (*HUB_LOADING_KWARGS, "use_fast"):
+            overrides.pop(key, None)
         if os.path.isfile(path):
             return cls(path, **overrides)
         if not os.path.isdir(path):

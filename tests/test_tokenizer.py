@@ -263,6 +263,16 @@ def test_token_tagging_words_match_hf(minilm):
     assert a.word_ids() == b.word_ids() and a.sequence_ids() == b.sequence_ids()
 
 
+def test_from_pretrained_takes_hugging_face_options():
+    path = _minilm_dir()
+    plain = BertTokenizer.from_pretrained(path)
+    hub = BertTokenizer.from_pretrained(os.path.dirname(path), subfolder=os.path.basename(path), use_fast=True,
+                                        revision="main", local_files_only=True, trust_remote_code=True)
+    assert hub(TEXTS[1])["input_ids"] == plain(TEXTS[1])["input_ids"]
+    with pytest.raises(TypeError, match="unexpected arguments: not_an_option"):
+        BertTokenizer.from_pretrained(path, not_an_option=1)
+
+
 def test_window_and_word_arguments_are_checked(minilm):
     ours, _ = minilm
     with pytest.raises(ValueError, match="pass truncation too"):
