@@ -285,3 +285,31 @@ def test_window_and_word_arguments_are_checked(minilm):
     assert len(packed["offset_mapping"]) == len(packed["input_ids"])
     with pytest.raises(ValueError, match="no token maps"):
         packed.word_ids(0)
+
+
+def test_token_tagging_labels_from_word_ids_train_a_model(minilm):
+    """The README's token-tagging recipe: word labels put on each word's first piece through
+    word_ids() (-100 at [CLS], [SEP], padding and later pieces), and a tiny
+    BertForTokenClassification that learns them."""
+    import fastbert
+
+    ours, _ = minilm
+    tags = [[i % 3 for i in range(len(w))] for w in WORDS]
+    batch = ours(WORDS, is_split_into_words=True, truncation=True, padding=True, return_tensors="pt")
+    labels = torch.tensor([[-100 if w is None or (j > 0 and batch.word_ids(i)[j - 1] == w) else tags[i][w]
+                            for j, w in enumerate(batch.word_ids(i))] for i in range(len(WORDS))])
+    assert ((labels != -100).sum(1) == torch.tensor([len(w) for w in WORDS])).all()  # one label per word
+    assert (labels[batch["attention_mask"] == 0] == -100).all() and (labels[:, 0] == -100).all()
+    torch.manual_seed(0)
+    config = fastbert.BertConfig(vocab_size=len(ours), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=37, num_labels=3, hidden_dropout_prob=0.0)
+    model = fastbert.BertForTokenClassification(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
