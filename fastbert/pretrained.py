@@ -106,7 +106,11 @@ def _device_from_map(device_map, device):
         device_map = targets.pop()
     if device_map == "auto":
         device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    mapped = torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)
+    try:
+        mapped = torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r}: fastbert places a model on one device; give a device "
+                         "(\"cuda\", \"cuda:1\", 0, \"cpu\") or \"auto\"") from None
     if device is not None and torch.device(device) != mapped:
         raise ValueError(f"device={device!r} and device_map={device_map!r} disagree")
     return mapped

@@ -132,6 +132,8 @@ def test_hugging_face_loading_options(tmp_path):
     assert "revision" not in saved and "attn_implementation" not in saved and "device_map" not in saved
     with pytest.raises(ValueError, match="one device; device_map spreads it over"):
         fastbert.BertModel.from_pretrained(tmp_path / "sub", device_map={"embeddings": "cpu", "encoder": "cuda:0"})
+    with pytest.raises(ValueError, match="device_map='balanced': fastbert places a model on one device"):
+        fastbert.BertModel.from_pretrained(tmp_path / "sub", device_map="balanced")
     with pytest.raises(ValueError, match="disagree"):
         fastbert.BertModel.from_pretrained(tmp_path / "sub", device="cpu", device_map="cuda:1")
 
