@@ -245,7 +245,15 @@ def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     if qkv.dim() != want or qkv.shape[-3] != 3:
         layout = "(T, 3, H, D) when packed" if cu_seqlens is not None else "(B, S, 3, H, D) when padded"
         _fail(op, f"qkv must be {layout}, got {tuple(qkv.shape)}")
-    max_seqlen = _check_attention(op, *qkv.unbind(-3), attention_mask, cu_seqlens, max_seqlen, dropout_p)
+    # q, k and v are parts of one tensor, so their dtypes, devices and shapes agree.
+    _check_device(op, qkv, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+    _check_dropout(op, dropout_p)
+    if cu_seqlens is None:
+        if attention_mask is not None and tuple(attention_mask.shape) != (qkv.shape[0], qkv.shape[1]):
+            _fail(op, f"attention_mask must be (batch, key_len) = {(qkv.shape[0], qkv.shape[1])}, "
+                      f"got {tuple(attention_mask.shape)}")
+    else:
+        max_seqlen = _check_packed(op, attention_mask, cu_seqlens, qkv.shape[0], max_seqlen)
     return implementation(op, qkv.device, qkv.dtype)(qkv, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                                      scale=scale, dropout_p=dropout_p)
 
@@ -265,11 +273,16 @@ def _check_attention(op: str, q, k, v, attention_mask, cu_seqlens, max_seqlen, d
         if attention_mask is not None and tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
             _fail(op, f"attention_mask must be (batch, key_len) = {(k.shape[0], k.shape[1])}, got {tuple(attention_mask.shape)}")
         return max_seqlen
-    if attention_mask is not None:
-        _fail(op, "pass either attention_mask (padded layout) or cu_seqlens (packed layout), not both")
     if q.dim() != 3 or q.shape != k.shape or k.shape[:2] != v.shape[:2]:
         _fail(op, f"packed q, k, v must be (T, H, D) with the same T and H, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    longest = check_cu_seqlens(cu_seqlens, q.shape[0], op)
+    return _check_packed(op, attention_mask, cu_seqlens, q.shape[0], max_seqlen)
+
+
+def _check_packed(op: str, attention_mask, cu_seqlens, total: int, max_seqlen) -> Optional[int]:
+    """The packed layout's checks; ``max_seqlen``, computed when None."""
+    if attention_mask is not None:
+        _fail(op, "pass either attention_mask (padded layout) or cu_seqlens (packed layout), not both")
+    longest = check_cu_seqlens(cu_seqlens, total, op)
     if max_seqlen is None:
         return longest if longest is not None else (
             int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0)

@@ -369,11 +369,11 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
 def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
     """The fused kernel behind ``fastbert.functional.attention_qkv``: :func:`attention` over
     q, k, v = qkv.unbind(-3), whose gradient is one tensor shaped like qkv."""
-    q, k, v = qkv.unbind(-3)
-    if not _kernel_runs(q, v):
+    # qkv has q's (and k's, v's) dtype, head dim and sequence dim: it stands in for them below.
+    if not _kernel_runs(qkv, qkv):
         return reference.attention_qkv(qkv, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                        scale=scale, dropout_p=dropout_p)
-    extra = _launch_args(q, k, cu_seqlens, max_seqlen, scale, dropout_p)
+    extra = _launch_args(qkv, qkv, cu_seqlens, max_seqlen, scale, dropout_p)
     return _call_qkv(qkv, attention_mask, cu_seqlens, *extra)[0]
 
 
