@@ -47,7 +47,8 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
     def to(self, device) -> "BatchEncoding":
-        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}, self._maps)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
+        return BatchEncoding(moved, self._maps)
 
     def _map(self, batch_index: int, which: int) -> List[Optional[int]]:
         if self._maps is None:
@@ -389,6 +390,63 @@ class BertTokenizer:
             out["cu_seqlens"] = cu
         out["max_seqlen"] = max(lengths)
         return BatchEncoding(out)
+
+    # -- padding encoded inputs (what Hugging Face's data collators call) -------------------
+    padding_side = "right"
+    model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    _PAD_VALUES = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1}
+
+    def pad(self, encoded_inputs, padding: Union[bool, str] = True, max_length: Optional[int] = None,
+            pad_to_multiple_of: Optional[int] = None, return_attention_mask: Optional[bool] = None,
+            return_tensors: Optional[str] = None, **_ignored) -> BatchEncoding:
+        """Pad already-encoded inputs, as Hugging Face's ``tokenizer.pad`` does for its data
+        collators (``DataCollatorWithPadding(tokenizer)`` works with this tokenizer): a list
+        of per-example dicts or a dict of lists. ``input_ids``, ``token_type_ids``,
+        ``attention_mask`` (made when missing) and ``special_tokens_mask`` are padded on
+        ``padding_side``; other keys (labels…) pass through."""
+        if isinstance(encoded_inputs, (list, tuple)):
+            if not encoded_inputs or not all(isinstance(f, dict) for f in encoded_inputs):
+                raise TypeError("pad takes a dict of lists or a non-empty list of dicts")
+            encoded_inputs = {k: [f[k] for f in encoded_inputs] for k in encoded_inputs[0]}
+        if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
+            raise TypeError("pad needs the encoded inputs' input_ids")
+        if padding not in _PADDING:
+            raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+        def as_list(v):
+            return v.tolist() if isinstance(v, torch.Tensor) else v
+
+        data = {k: [as_list(x) for x in v] if isinstance(v, (list, tuple)) else as_list(v)
+                for k, v in encoded_inputs.items()}
+        single = bool(data["input_ids"]) and not isinstance(data["input_ids"][0], (list, tuple))
+        if single:
+            data = {k: [v] for k, v in data.items()}
+        if return_attention_mask is not False and "attention_mask" not in data:
+            data["attention_mask"] = [[1] * len(x) for x in data["input_ids"]]
+        mode = _PADDING[padding]
+        if mode is not None:
+            longest = max(len(x) for x in data["input_ids"])
+            target = max_length if mode == "max_length" and max_length is not None else longest
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            values = dict(self._PAD_VALUES, input_ids=self.pad_token_id)
+            for key, value in values.items():
+                if key in data:
+                    rows = data[key]
+                    fill = [[value] * (target - len(x)) for x in rows]
+                    data[key] = ([list(x) + f for x, f in zip(rows, fill)] if self.padding_side == "right"
+                                 else [f + list(x) for x, f in zip(rows, fill)])
+        if return_attention_mask is False:
+            data.pop("attention_mask", None)
+        if return_tensors == "pt":
+            data = {k: torch.tensor(v) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        elif single:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(data)
 
     def encode(self, text: str, text_pair: Optional[str] = None, *, add_special_tokens: bool = True,
                truncation: Union[bool, str, None] = None, max_length: Optional[int] = None) -> List[int]:

@@ -313,3 +313,25 @@ def test_token_tagging_labels_from_word_ids_train_a_model(minilm):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_pad_and_hugging_face_data_collator(minilm):
+    """tokenizer.pad, the padding behind Hugging Face's data collators: DataCollatorWithPadding
+    built on this tokenizer gives HF's batches (labels passed through), and pad() takes a dict
+    of lists or one example, on either side, as HF's does."""
+    ours, theirs = minilm
+    features = [dict(ours(t), label=i) for i, t in enumerate(TEXTS[:3])]
+    assert features == [dict(theirs(t), label=i) for i, t in enumerate(TEXTS[:3])]
+    for kw in (dict(), dict(pad_to_multiple_of=8), dict(padding="max_length", max_length=40)):
+        _assert_same(transformers.DataCollatorWithPadding(ours, **kw)(features),
+                     dict(transformers.DataCollatorWithPadding(theirs, **kw)(features)), f"collator {kw}")
+    ids = {"input_ids": [f["input_ids"] for f in features]}
+    for kw in (dict(), dict(return_tensors="pt"), dict(return_attention_mask=False), dict(padding=False)):
+        got, want = ours.pad(ids, **kw), theirs.pad(ids, **kw)
+        _assert_same(got, want if "return_tensors" in kw else dict(want), f"pad {kw}")
+    _assert_same(ours.pad(features[1]), dict(theirs.pad(features[1])), "one example")
+    ours.padding_side = theirs.padding_side = "left"
+    try:
+        _assert_same(ours.pad(ids, return_tensors="pt"), theirs.pad(ids, return_tensors="pt"), "left")
+    finally:
+        ours.padding_side = theirs.padding_side = "right"
