@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .encoding import PAD_VALUES, BatchEncoding, pad_encoded
 from .pretrained import HUB_LOADING_KWARGS
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -28,40 +29,6 @@ _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_fi
 _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
 
 TextInput = Union[str, Sequence[str]]
-
-
-class BatchEncoding(dict):
-    """A dict of model inputs; ``enc.input_ids`` works too, and ``enc.to(device)`` moves tensors.
-    :meth:`word_ids` and :meth:`sequence_ids` map each token of a row back to its word and its
-    segment, as Hugging Face's fast tokenizers do (to align labels, or to find the context of
-    a question-answering window)."""
-
-    def __init__(self, data=(), maps: Optional[List[Tuple[List[Optional[int]], List[Optional[int]]]]] = None):
-        super().__init__(data)
-        self._maps = maps  # per row: (word ids, sequence ids), None at special and padding tokens
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device) -> "BatchEncoding":
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
-        return BatchEncoding(moved, self._maps)
-
-    def _map(self, batch_index: int, which: int) -> List[Optional[int]]:
-        if self._maps is None:
-            raise ValueError("this encoding has no token maps (packed output)")
-        return list(self._maps[batch_index][which])
-
-    def word_ids(self, batch_index: int = 0) -> List[Optional[int]]:
-        """The word each token of row ``batch_index`` came from (None for special and padding tokens)."""
-        return self._map(batch_index, 0)
-
-    def sequence_ids(self, batch_index: int = 0) -> List[Optional[int]]:
-        """0 for tokens of the first text, 1 for the pair's, None for special and padding tokens."""
-        return self._map(batch_index, 1)
 
 
 def _special_token(value) -> Optional[str]:
@@ -394,7 +361,6 @@ class BertTokenizer:
     # -- padding encoded inputs (what Hugging Face's data collators call) -------------------
     padding_side = "right"
     model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    _PAD_VALUES = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1}
 
     def pad(self, encoded_inputs, padding: Union[bool, str] = True, max_length: Optional[int] = None,
             pad_to_multiple_of: Optional[int] = None, return_attention_mask: Optional[bool] = None,
@@ -404,49 +370,14 @@ class BertTokenizer:
         of per-example dicts or a dict of lists. ``input_ids``, ``token_type_ids``,
         ``attention_mask`` (made when missing) and ``special_tokens_mask`` are padded on
         ``padding_side``; other keys (labels…) pass through."""
-        if isinstance(encoded_inputs, (list, tuple)):
-            if not encoded_inputs or not all(isinstance(f, dict) for f in encoded_inputs):
-                raise TypeError("pad takes a dict of lists or a non-empty list of dicts")
-            encoded_inputs = {k: [f[k] for f in encoded_inputs] for k in encoded_inputs[0]}
-        if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
-            raise TypeError("pad needs the encoded inputs' input_ids")
         if padding not in _PADDING:
             raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-
-        def as_list(v):
-            return v.tolist() if isinstance(v, torch.Tensor) else v
-
-        data = {k: [as_list(x) for x in v] if isinstance(v, (list, tuple)) else as_list(v)
-                for k, v in encoded_inputs.items()}
-        single = bool(data["input_ids"]) and not isinstance(data["input_ids"][0], (list, tuple))
-        if single:
-            data = {k: [v] for k, v in data.items()}
-        if return_attention_mask is not False and "attention_mask" not in data:
-            data["attention_mask"] = [[1] * len(x) for x in data["input_ids"]]
-        mode = _PADDING[padding]
-        if mode is not None:
-            longest = max(len(x) for x in data["input_ids"])
-            target = max_length if mode == "max_length" and max_length is not None else longest
-            if pad_to_multiple_of:
-                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            values = dict(self._PAD_VALUES, input_ids=self.pad_token_id)
-            for key, value in values.items():
-                if key in data:
-                    rows = data[key]
-                    fill = [[value] * (target - len(x)) for x in rows]
-                    data[key] = ([list(x) + f for x, f in zip(rows, fill)] if self.padding_side == "right"
-                                 else [f + list(x) for x, f in zip(rows, fill)])
-        if return_attention_mask is False:
-            data.pop("attention_mask", None)
-        if return_tensors == "pt":
-            data = {k: torch.tensor(v) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
-        elif single:
-            data = {k: v[0] for k, v in data.items()}
-        return BatchEncoding(data)
+        return pad_encoded(encoded_inputs, dict(PAD_VALUES, input_ids=self.pad_token_id), self.padding_side,
+                           _PADDING[padding], max_length, pad_to_multiple_of, return_attention_mask, return_tensors)
 
     def encode(self, text: str, text_pair: Optional[str] = None, *, add_special_tokens: bool = True,
                truncation: Union[bool, str, None] = None, max_length: Optional[int] = None) -> List[int]:

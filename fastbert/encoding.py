@@ -1,0 +1,89 @@
+"""What the tokenizer returns (a dict of model inputs with Hugging Face's accessors), and the
+padding of encoded inputs behind ``BertTokenizer.pad``."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+class BatchEncoding(dict):
+    """A dict of model inputs; ``enc.input_ids`` works too, and ``enc.to(device)`` moves tensors.
+    :meth:`word_ids` and :meth:`sequence_ids` map each token of a row back to its word and its
+    segment, as Hugging Face's fast tokenizers do (to align labels, or to find the context of
+    a question-answering window)."""
+
+    def __init__(self, data=(), maps: Optional[List[Tuple[List[Optional[int]], List[Optional[int]]]]] = None):
+        super().__init__(data)
+        self._maps = maps  # per row: (word ids, sequence ids), None at special and padding tokens
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "BatchEncoding":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
+        return BatchEncoding(moved, self._maps)
+
+    def _map(self, batch_index: int, which: int) -> List[Optional[int]]:
+        if self._maps is None:
+            raise ValueError("this encoding has no token maps (packed output)")
+        return list(self._maps[batch_index][which])
+
+    def word_ids(self, batch_index: int = 0) -> List[Optional[int]]:
+        """The word each token of row ``batch_index`` came from (None for special and padding tokens)."""
+        return self._map(batch_index, 0)
+
+    def sequence_ids(self, batch_index: int = 0) -> List[Optional[int]]:
+        """0 for tokens of the first text, 1 for the pair's, None for special and padding tokens."""
+        return self._map(batch_index, 1)
+
+
+# What each key is padded with; input_ids take the tokenizer's [PAD] id.
+PAD_VALUES = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1}
+
+
+def pad_encoded(encoded_inputs, values: Dict[str, int], side: str, mode: Optional[str], max_length: Optional[int],
+                pad_to_multiple_of: Optional[int], return_attention_mask: Optional[bool],
+                return_tensors: Optional[str]) -> BatchEncoding:
+    """``encoded_inputs`` (a list of per-example dicts, a dict of lists, or one example) with
+    the keys of ``values`` padded on ``side`` to the longest row (``mode`` "longest") or to
+    ``max_length`` ("max_length"), or not at all (None); an attention mask is made when
+    missing unless ``return_attention_mask`` is False. Other keys pass through."""
+    if isinstance(encoded_inputs, (list, tuple)):
+        if not encoded_inputs or not all(isinstance(f, dict) for f in encoded_inputs):
+            raise TypeError("pad takes a dict of lists or a non-empty list of dicts")
+        encoded_inputs = {k: [f[k] for f in encoded_inputs] for k in encoded_inputs[0]}
+    if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
+        raise TypeError("pad needs the encoded inputs' input_ids")
+
+    def as_list(v):
+        return v.tolist() if isinstance(v, torch.Tensor) else v
+
+    data = {k: [as_list(x) for x in v] if isinstance(v, (list, tuple)) else as_list(v)
+            for k, v in encoded_inputs.items()}
+    single = bool(data["input_ids"]) and not isinstance(data["input_ids"][0], (list, tuple))
+    if single:
+        data = {k: [v] for k, v in data.items()}
+    if return_attention_mask is not False and "attention_mask" not in data:
+        data["attention_mask"] = [[1] * len(x) for x in data["input_ids"]]
+    if mode is not None:
+        longest = max(len(x) for x in data["input_ids"])
+        target = max_length if mode == "max_length" and max_length is not None else longest
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        for key, value in values.items():
+            if key in data:
+                fill = [[value] * (target - len(x)) for x in data[key]]
+                data[key] = ([list(x) + f for x, f in zip(data[key], fill)] if side == "right"
+                             else [f + list(x) for x, f in zip(data[key], fill)])
+    if return_attention_mask is False:
+        data.pop("attention_mask", None)
+    if return_tensors == "pt":
+        data = {k: torch.tensor(v) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    elif single:
+        data = {k: v[0] for k, v in data.items()}
+    return BatchEncoding(data)
