@@ -3,7 +3,7 @@ padding of encoded inputs behind ``BertTokenizer.pad``."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -14,9 +14,11 @@ class BatchEncoding(dict):
     segment, as Hugging Face's fast tokenizers do (to align labels, or to find the context of
     a question-answering window)."""
 
-    def __init__(self, data=(), maps: Optional[List[Tuple[List[Optional[int]], List[Optional[int]]]]] = None):
+    def __init__(self, data=(), encodings: Optional[Sequence] = None):
         super().__init__(data)
-        self._maps = maps  # per row: (word ids, sequence ids), None at special and padding tokens
+        # tokenizers' Encoding of each row, read only when a map is asked for: building the maps
+        # of every call would cost tokenization time for what few callers use.
+        self._encodings = encodings
 
     def __getattr__(self, name):
         try:
@@ -26,20 +28,24 @@ class BatchEncoding(dict):
 
     def to(self, device) -> "BatchEncoding":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
-        return BatchEncoding(moved, self._maps)
+        return BatchEncoding(moved, self._encodings)
 
-    def _map(self, batch_index: int, which: int) -> List[Optional[int]]:
-        if self._maps is None:
+    def _map(self, batch_index: int, which: str) -> List[Optional[int]]:
+        if self._encodings is None:
             raise ValueError("this encoding has no token maps (packed output)")
-        return list(self._maps[batch_index][which])
+        ids = self["input_ids"]
+        batched = ids.dim() == 2 if isinstance(ids, torch.Tensor) else bool(ids) and isinstance(ids[0], (list, tuple))
+        row = ids[batch_index] if batched else ids
+        values = list(getattr(self._encodings[batch_index], which))
+        return values + [None] * (len(row) - len(values))  # padding tokens map to nothing
 
     def word_ids(self, batch_index: int = 0) -> List[Optional[int]]:
         """The word each token of row ``batch_index`` came from (None for special and padding tokens)."""
-        return self._map(batch_index, 0)
+        return self._map(batch_index, "word_ids")
 
     def sequence_ids(self, batch_index: int = 0) -> List[Optional[int]]:
         """0 for tokens of the first text, 1 for the pair's, None for special and padding tokens."""
-        return self._map(batch_index, 1)
+        return self._map(batch_index, "sequence_ids")
 
 
 # What each key is padded with; input_ids take the tokenizer's [PAD] id.

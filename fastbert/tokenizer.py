@@ -263,11 +263,9 @@ class BertTokenizer:
             encodings = [w for e in encodings for w in [e, *e.overflowing]]
         ids = [e.ids for e in encodings]
         types = [e.type_ids for e in encodings]
-        offsets = [[tuple(o) for o in e.offsets] for e in encodings]
-        maps = [(list(e.word_ids), list(e.sequence_ids)) for e in encodings]
         extra = {}
         if return_offsets_mapping:
-            extra["offset_mapping"] = offsets
+            extra["offset_mapping"] = [[tuple(o) for o in e.offsets] for e in encodings]
         if return_overflowing_tokens:
             extra["overflow_to_sample_mapping"] = sample
         if packed:
@@ -281,8 +279,7 @@ class BertTokenizer:
             types = [x + [0] * (target - len(x)) for x in types]
             masks = [x + [0] * (target - len(x)) for x in masks]
             if return_offsets_mapping:
-                extra["offset_mapping"] = [x + [(0, 0)] * (target - len(x)) for x in offsets]
-            maps = [(w + [None] * (target - len(w)), q + [None] * (target - len(q))) for w, q in maps]
+                extra["offset_mapping"] = [x + [(0, 0)] * (target - len(x)) for x in extra["offset_mapping"]]
         out = {"input_ids": ids}
         if return_token_type_ids:
             out["token_type_ids"] = types
@@ -293,10 +290,10 @@ class BertTokenizer:
             if len({len(x) for x in ids}) > 1:
                 raise ValueError("sequences of different lengths cannot form one tensor; "
                                  "pass padding=True (or padding='max_length'), or packed=True")
-            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, maps)
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, encodings)
         if single and not return_overflowing_tokens:
             out = {k: v[0] for k, v in out.items()}
-        return BatchEncoding(out, maps)
+        return BatchEncoding(out, encodings)
 
     @staticmethod
     def _as_word_batch(text, text_pair) -> Tuple[List[List[str]], Optional[List[List[str]]], bool]:
