@@ -234,23 +234,23 @@ def sum_partials(part: torch.Tensor, outs) -> None:
     replace the results. The pointers of sums not asked for are ``part``, which is read only."""
     k, g, n = part.shape
     outs = list(outs) + [part] * (3 - len(outs))
-    block_n, block_g, num_warps = partials_config(int(k), int(g), int(n), part.device)
+    block_n, block_g, num_warps = partials_config(int(k), int(n), part.device)
     if interpreted(_sum_partials):  # the interpreter pays per program, not per element
         block_n, block_g, num_warps = min(next_pow2(n), 1024), 64, 4
     launch(_sum_partials, (cdiv(n, block_n), k),
            part, outs[0], outs[1], outs[2], g, n, K=k, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=num_warps)
 
 
-def partials_config(k: int, g: int, n: int, device: torch.device) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_G, num_warps) of :func:`sum_partials`. The sums are short (g is a few
-    hundred partials), so the time is load latency: each program reads every partial of its
-    columns in one step (up to 512; more take further steps), and the columns are split
-    finely enough that the programs number about one per SM or more (bias_gelu's backward at
-    4096x3072 on an H100: 192 programs of 16 columns, one step each, where 48 programs of 64
-    columns took 5 dependent steps)."""
-    block_g = min(next_pow2(max(g, 1)), 512)
+def partials_config(k: int, n: int, device: torch.device) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_G, num_warps) of :func:`sum_partials` for k sums of n columns. The sums
+    are short (a few hundred partials), so the time is load latency: each program reads up to
+    512 partials of its columns in one step (more take further steps; fewer are masked, so
+    the block does not depend on the token count, which torch.compile may keep symbolic),
+    and the columns are split finely enough that the programs number about one per SM or
+    more (bias_gelu's backward at 4096x3072 on an H100: 192 programs of 16 columns, one step
+    each, where 48 programs of 64 columns took 5 dependent steps)."""
     block_n = 32 if cdiv(n, 32) * k >= _device_info(device)[0] else 16
-    return block_n, block_g, 8 if block_g * block_n >= 4096 else 4
+    return block_n, 512, 8
 
 
 def check_inputs(op: str, n: int, *tensors: Optional[torch.Tensor]) -> None:
