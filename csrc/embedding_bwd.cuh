@@ -275,6 +275,11 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_segment_kernel(SegIO s)
   flush(n);
 }
 
+// One warp per chunk whose last run goes on into the next chunks: it adds that run's partials
+// in chunk order and writes the row. The chunks the run reaches are found first, 32 chunk
+// starts per ballot (ids ascend, so they are the leading ones), and the partials are then
+// loaded 8 at a time: a run over 64 chunks (a token type of a 4096-token batch) waits on ~10
+// loads, not 64 one after another.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) embedding_segment_fixup_kernel(SegIO s) {
   const int lane = threadIdx.x & 31;
@@ -283,21 +288,42 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_segment_fixup_kernel(Se
   const int col = blockIdx.y * kColsPerWarp + lane * 4;
   const int64_t k0 = chunk * kChunk;
   const int64_t k1 = k0 + kChunk;
-  if (k1 >= s.tokens || col >= s.hidden) return;  // a run that goes on needs a next chunk
+  if (k1 >= s.tokens) return;  // a run that goes on needs a next chunk (the tests below are the same for the whole warp)
   const int64_t* sorted = s.sorted + table * s.tokens;
   const int64_t id = sorted[k1 - 1];
   if (sorted[k1] != id || !seg_row_ok(s, table, id)) return;
   if (sorted[k0] == id && k0 > 0 && sorted[k0 - 1] == id) return;  // began in an earlier chunk
+  int64_t last = chunk + 1;  // the last chunk that holds part of the run
+  for (int64_t c0 = chunk + 2; c0 < s.nchunks; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const unsigned in = __ballot_sync(0xffffffffu, c < s.nchunks && sorted[c * kChunk] == id);
+    const int n = __ffs(~in) - 1;  // chunks from c0 on that start inside the run; -1: all 32
+    if (n < 0) {
+      last = c0 + 31;
+      continue;
+    }
+    last = c0 + n - 1;
+    break;
+  }
+  if (col >= s.hidden) return;
   float acc[4];
   const float* r = s.part_last + (table * s.nchunks + chunk) * s.hidden + col;
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i] = col + i < s.hidden ? r[i] : 0.f;
-  for (int64_t c = chunk + 1; c < s.nchunks; ++c) {
-    const float* q = s.part_first + (table * s.nchunks + c) * s.hidden + col;
+  for (int64_t c = chunk + 1; c <= last; c += 8) {
+    float v[8][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] += col + i < s.hidden ? q[i] : 0.f;
-    const int64_t end = (c + 1) * kChunk;
-    if (end >= s.tokens || sorted[end] != id) break;
+    for (int u = 0; u < 8; ++u) {  // issue the loads before any add
+      const float* q = s.part_first + (table * s.nchunks + c + u) * s.hidden + col;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[u][i] = c + u <= last && col + i < s.hidden ? q[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      if (c + u <= last) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] += v[u][i];
+      }
   }
   store_row4<T>(s, table, id, col, acc);
 }
