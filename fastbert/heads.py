@@ -18,7 +18,7 @@ from .modeling import BertModel, dense_activation
 from .outputs import (BertForPreTrainingOutput, MaskedLMOutput, MultipleChoiceModelOutput,
                       NextSentencePredictorOutput, QuestionAnsweringModelOutput,
                       SequenceClassifierOutput, TokenClassifierOutput)
-from .pretrained import BertPreTrainedModel
+from .pretrained import BertPreTrainedModel, resized_rows
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -82,6 +82,20 @@ class _WithMLMHead(BertPreTrainedModel):
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
+
+    def _resize_output(self, count: int, mean_resizing: bool) -> None:
+        head = self.cls.predictions
+        with torch.no_grad():
+            bias = resized_rows(head.bias, head.bias.new_zeros(count), mean_resizing)
+            head.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
+            decoder = head.decoder
+            if not getattr(self.config, "tie_word_embeddings", True):  # an untied decoder keeps its own rows
+                fresh = nn.Linear(decoder.in_features, count, bias=False, device=decoder.weight.device,
+                                  dtype=decoder.weight.dtype)
+                self._init_weights(fresh)
+                decoder.weight = nn.Parameter(resized_rows(decoder.weight, fresh.weight, mean_resizing),
+                                              requires_grad=decoder.weight.requires_grad)
+            decoder.out_features = count
 
     def _init_weights(self, module):
         super()._init_weights(module)

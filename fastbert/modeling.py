@@ -300,12 +300,6 @@ class BertModel(BertPreTrainedModel):
         self.post_init()
         load_kernels()  # torch.compile cannot trace the first import of a kernel module
 
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
-
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
         """Raise a ValueError naming the problem; return (batch, seq_len)."""
         if (input_ids is None) == (inputs_embeds is None):

@@ -116,6 +116,46 @@ def _device_from_map(device_map, device):
     return mapped
 
 
+def resized_vocab(old: int, new: Optional[int], multiple: Optional[int]) -> Optional[int]:
+    """The row count ``resize_token_embeddings`` makes: ``new`` (or ``old``) rounded up to a
+    multiple of ``multiple``; None when both are None (nothing to do)."""
+    if multiple is not None:
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {multiple!r}")
+        new = old if new is None else new
+        new = -(-new // multiple) * multiple
+    if new is None:
+        return None
+    if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+        raise ValueError(f"new_num_tokens must be a positive int, got {new!r}")
+    return new
+
+
+def resized_rows(old: torch.Tensor, fresh: torch.Tensor, mean_resizing: bool) -> torch.Tensor:
+    """``fresh`` (new size, freshly initialised) with the rows it shares with ``old`` copied
+    in. With ``mean_resizing`` the added rows are drawn around the old rows' mean, as
+    Hugging Face does: a normal with the old rows' covariance scaled by 1e-9, or the mean
+    itself where that covariance is not positive definite. Works for 1-D tensors (a bias)."""
+    out = fresh.detach().clone()
+    keep = min(old.shape[0], out.shape[0])
+    out[:keep] = old.detach()[:keep]
+    added = out.shape[0] - keep
+    if added > 0 and mean_resizing:
+        rows = old.detach().float()
+        mean = rows.mean(0)
+        if rows.dim() == 1:
+            out[keep:] = torch.empty(added, device=out.device).normal_(mean.item(), 1e-9 * rows.std().item()).to(out.dtype)
+            return out
+        centred = rows - mean
+        cov = 1e-9 * (centred.T @ centred) / rows.shape[0]
+        if torch.distributions.constraints.positive_definite.check(cov).item():
+            dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+            out[keep:] = dist.sample((added,)).to(out.dtype)
+        else:
+            out[keep:] = mean.to(out.dtype)
+    return out
+
+
 class BertPreTrainedModel(nn.Module):
     config_class = BertConfig
     base_model_prefix = "bert"
@@ -179,6 +219,52 @@ class BertPreTrainedModel(nn.Module):
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+
+    # -- vocabulary -----------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        """The decoder onto the vocabulary, for heads that have one."""
+        return None
+
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the vocabulary to ``new_num_tokens`` rows (rounded up to a multiple
+        of ``pad_to_multiple_of``), as Hugging Face's method does: rows are added or removed
+        at the end, the others kept; ``config.vocab_size``, the MLM decoder and its bias
+        follow, and the decoder stays tied to the word embeddings. Added rows are the old
+        rows' mean (``mean_resizing``, with HF's 1e-9-scaled covariance noise) or drawn as
+        at initialisation. With neither argument it returns the embeddings unchanged."""
+        old = self.get_input_embeddings()
+        count = resized_vocab(old.num_embeddings, new_num_tokens, pad_to_multiple_of)
+        if count is None:
+            return old
+        pad = self.config.pad_token_id
+        if pad is not None and not 0 <= pad < count:
+            raise ValueError(f"resize_token_embeddings({count}) would drop the padding row pad_token_id={pad}")
+        if count != old.num_embeddings:
+            new = nn.Embedding(count, old.embedding_dim, padding_idx=old.padding_idx,
+                               device=old.weight.device, dtype=old.weight.dtype)
+            self._init_weights(new)
+            with torch.no_grad():
+                new.weight.copy_(resized_rows(old.weight, new.weight, mean_resizing))
+            new.weight.requires_grad_(old.weight.requires_grad)
+            self.set_input_embeddings(new)
+            self._resize_output(count, mean_resizing)
+        self.config.vocab_size = count
+        self.tie_weights()
+        return self.get_input_embeddings()
+
+    def _resize_output(self, count: int, mean_resizing: bool) -> None:
+        """Resize the heads' vocabulary-sized parameters (none here)."""
 
     # -- checkpoints ----------------------------------------------------------------------
     def _convert_keys(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

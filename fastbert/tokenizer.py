@@ -8,22 +8,22 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
 from .encoding import PAD_VALUES, BatchEncoding, pad_encoded
 from .pretrained import HUB_LOADING_KWARGS
+from .vocabulary import EXTRA_SPECIAL_KEYS, SPECIAL_DEFAULTS, Vocabulary
 
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+ADDED_TOKENS = "added_tokens.json"
 
-_SPECIAL_DEFAULTS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                         mask_token="[MASK]")
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                "only_second": "only_second", False: None, "do_not_truncate": None}
 _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
@@ -36,7 +36,7 @@ def _special_token(value) -> Optional[str]:
     return value.get("content") if isinstance(value, dict) else value
 
 
-class BertTokenizer:
+class BertTokenizer(Vocabulary):
     """WordPiece tokenizer for BERT.
 
     Build it from a vocab file (``BertTokenizer("vocab.txt")``), or with
@@ -49,11 +49,11 @@ class BertTokenizer:
     def __init__(self, vocab_file: Optional[Union[str, os.PathLike]] = None, *, do_lower_case: bool = True,
                  model_max_length: int = 512, strip_accents: Optional[bool] = None,
                  tokenize_chinese_chars: bool = True, tokenizer_object: Optional[Tokenizer] = None,
-                 **special_tokens: str):
-        unknown = set(special_tokens) - set(_SPECIAL_DEFAULTS)
+                 additional_special_tokens: Sequence[str] = (), **special_tokens: str):
+        unknown = set(special_tokens) - set(SPECIAL_DEFAULTS)
         if unknown:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-        self.special_tokens = {k: special_tokens.get(k) or v for k, v in _SPECIAL_DEFAULTS.items()}
+        self.special_tokens = {k: special_tokens.get(k) or v for k, v in SPECIAL_DEFAULTS.items()}
         self.do_lower_case = bool(do_lower_case)
         self.model_max_length = int(model_max_length)
         if (vocab_file is None) == (tokenizer_object is None):
@@ -71,11 +71,10 @@ class BertTokenizer:
         if missing:
             raise ValueError(f"the vocabulary lacks the special tokens {missing}")
         self._tok.add_special_tokens(list(self.special_tokens.values()))
-        self._tok.post_processor = processors.TemplateProcessing(
-            single=f"{self.cls_token}:0 $A:0 {self.sep_token}:0",
-            pair=f"{self.cls_token}:0 $A:0 {self.sep_token}:0 $B:1 {self.sep_token}:1",
-            special_tokens=[(self.cls_token, self.cls_token_id), (self.sep_token, self.sep_token_id)],
-        )
+        self.extra_special_tokens: List[str] = []
+        if additional_special_tokens:
+            self.add_tokens(list(additional_special_tokens), special_tokens=True)
+        self._set_template()
 
     def _from_vocab(self, vocab_file: str, strip_accents, tokenize_chinese_chars) -> Tokenizer:
         if not os.path.isfile(vocab_file):
@@ -131,9 +130,12 @@ class BertTokenizer:
             if os.path.isfile(file):
                 with open(file, encoding="utf-8") as f:
                     data = json.load(f)
-                for key in _SPECIAL_DEFAULTS:
+                for key in SPECIAL_DEFAULTS:
                     if data.get(key) is not None:
                         settings[key] = _special_token(data[key])
+                for key in EXTRA_SPECIAL_KEYS:
+                    if data.get(key):
+                        settings["additional_special_tokens"] = [_special_token(t) for t in data[key]]
                 for key in ("do_lower_case", "model_max_length", "strip_accents", "tokenize_chinese_chars"):
                     if data.get(key) is not None:
                         settings[key] = data[key]
@@ -147,48 +149,25 @@ class BertTokenizer:
             return cls(tokenizer_object=Tokenizer.from_file(tokenizer_file), **settings)
         vocab_file = os.path.join(path, VOCAB_FILE)
         if os.path.isfile(vocab_file):
-            return cls(vocab_file, **settings)
+            return cls._from_vocab_dir(vocab_file, os.path.join(path, ADDED_TOKENS), settings)
         raise FileNotFoundError(f"no {TOKENIZER_FILE} or {VOCAB_FILE} in {path}")
 
-    # -- vocabulary ---------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def get_vocab(self) -> Dict[str, int]:
-        return self._tok.get_vocab(with_added_tokens=True)
-
-    def __getattr__(self, name: str):
-        # cls_token / cls_token_id and friends for every special token.
-        if name.endswith("_token_id") and name[:-3] in _SPECIAL_DEFAULTS:
-            return self._tok.token_to_id(self.special_tokens[name[:-3]])
-        if name in _SPECIAL_DEFAULTS and "special_tokens" in self.__dict__:
-            return self.special_tokens[name]
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    @property
-    def all_special_ids(self) -> List[int]:
-        return [self._tok.token_to_id(t) for t in self.special_tokens.values()]
-
-    def convert_tokens_to_ids(self, tokens: Union[str, Iterable[str]]) -> Union[int, List[int]]:
-        unk = self.unk_token_id
-        if isinstance(tokens, str):
-            found = self._tok.token_to_id(tokens)
-            return unk if found is None else found
-        return [self.convert_tokens_to_ids(t) for t in tokens]
-
-    def convert_ids_to_tokens(self, ids: Union[int, Iterable[int]]) -> Union[str, List[str]]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            token = self._tok.id_to_token(ids)
-            if token is None:
-                raise ValueError(f"token id {ids} is outside the vocabulary (size {self.vocab_size})")
-            return token
-        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+    @classmethod
+    def _from_vocab_dir(cls, vocab_file: str, added_file: str, settings: Dict[str, Any]) -> "BertTokenizer":
+        """vocab.txt, then the tokens of added_tokens.json at their ids (special if named so)."""
+        extras = list(settings.pop("additional_special_tokens", ()))
+        tok = cls(vocab_file, **settings)
+        if os.path.isfile(added_file):
+            with open(added_file, encoding="utf-8") as f:
+                added = json.load(f)
+            for token, index in sorted(added.items(), key=lambda kv: kv[1]):
+                tok.add_tokens([token], special_tokens=token in extras)
+                if tok._tok.token_to_id(token) != index:
+                    raise ValueError(f"{added_file}: {token!r} should have id {index}, but the vocabulary gives it "
+                                     f"{tok._tok.token_to_id(token)}")
+        if extras:
+            tok.add_tokens(extras, special_tokens=True)
+        return tok
 
     def tokenize(self, text: str, pair: Optional[str] = None, add_special_tokens: bool = False) -> List[str]:
         return self._encode([text], None if pair is None else [pair], add_special_tokens, None, None)[0].tokens
@@ -395,19 +374,28 @@ class BertTokenizer:
 
     # -- saving -------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json, the
-        files Hugging Face's tokenizers read."""
+        """tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json (and
+        added_tokens.json when tokens were added), the files Hugging Face's tokenizers read."""
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, TOKENIZER_FILE))
-        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
         with open(os.path.join(directory, VOCAB_FILE), "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token, _ in vocab)
+        added = {t: i for t, i in self.get_added_vocab().items() if t not in self.special_tokens.values()}
+        if added:
+            with open(os.path.join(directory, ADDED_TOKENS), "w", encoding="utf-8") as f:
+                json.dump(added, f, indent=2, ensure_ascii=False)
+        specials = dict(self.special_tokens)
+        if self.extra_special_tokens:
+            specials["additional_special_tokens"] = list(self.extra_special_tokens)
         config = dict(tokenizer_class="BertTokenizer", do_lower_case=self.do_lower_case,
                       model_max_length=self.model_max_length, **self.special_tokens)
+        if self.extra_special_tokens:
+            config["extra_special_tokens"] = list(self.extra_special_tokens)
         with open(os.path.join(directory, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(directory, SPECIAL_TOKENS_MAP), "w", encoding="utf-8") as f:
-            json.dump(self.special_tokens, f, indent=2)
+            json.dump(specials, f, indent=2)
 
     def __repr__(self) -> str:
         return (f"BertTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
