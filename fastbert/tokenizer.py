@@ -194,6 +194,7 @@ class BertTokenizer(Vocabulary):
                  pad_to_multiple_of: Optional[int] = None, return_tensors: Optional[str] = None,
                  return_attention_mask: bool = True, return_token_type_ids: bool = True,
                  return_offsets_mapping: bool = False, return_overflowing_tokens: bool = False, stride: int = 0,
+                 return_special_tokens_mask: bool = False, return_length: bool = False,
                  is_split_into_words: bool = False, packed: bool = False) -> BatchEncoding:
         """Encode one text, a pair, or a batch of either.
 
@@ -210,7 +211,9 @@ class BertTokenizer(Vocabulary):
         before, and adds ``overflow_to_sample_mapping`` (the input each row came from): the
         sliding windows of question answering over long contexts. ``is_split_into_words``
         takes each text as a list of words (token tagging's input; ``word_ids`` then indexes
-        that list).
+        that list). ``return_special_tokens_mask`` marks the template's [CLS] and [SEP] and the
+        padding with 1 (what Hugging Face's MLM collator reads); ``return_length`` gives each
+        row's length (after padding), as a list even for one text.
         """
         texts, pairs, single = (self._as_word_batch if is_split_into_words else self._as_batch)(text, text_pair)
         if truncation not in _TRUNCATION and truncation is not None:
@@ -247,6 +250,8 @@ class BertTokenizer(Vocabulary):
             extra["offset_mapping"] = [[tuple(o) for o in e.offsets] for e in encodings]
         if return_overflowing_tokens:
             extra["overflow_to_sample_mapping"] = sample
+        if return_special_tokens_mask:
+            extra["special_tokens_mask"] = [list(e.special_tokens_mask) for e in encodings]
         if packed:
             return self._packed(ids, types, return_tensors, return_token_type_ids, extra)
         masks = [[1] * len(x) for x in ids]
@@ -259,19 +264,26 @@ class BertTokenizer(Vocabulary):
             masks = [x + [0] * (target - len(x)) for x in masks]
             if return_offsets_mapping:
                 extra["offset_mapping"] = [x + [(0, 0)] * (target - len(x)) for x in extra["offset_mapping"]]
+            if return_special_tokens_mask:
+                extra["special_tokens_mask"] = [x + [1] * (target - len(x)) for x in extra["special_tokens_mask"]]
         out = {"input_ids": ids}
         if return_token_type_ids:
             out["token_type_ids"] = types
         if return_attention_mask:
             out["attention_mask"] = masks
         out.update(extra)
+        lengths = [len(x) for x in ids] if return_length else None
         if return_tensors == "pt":
             if len({len(x) for x in ids}) > 1:
                 raise ValueError("sequences of different lengths cannot form one tensor; "
                                  "pass padding=True (or padding='max_length'), or packed=True")
+            if return_length:
+                out["length"] = lengths
             return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, encodings)
         if single and not return_overflowing_tokens:
             out = {k: v[0] for k, v in out.items()}
+        if return_length:
+            out["length"] = lengths
         return BatchEncoding(out, encodings)
 
     @staticmethod
@@ -326,6 +338,8 @@ class BertTokenizer(Vocabulary):
             out["offset_mapping"] = [o for x in extra["offset_mapping"] for o in x]
         if "overflow_to_sample_mapping" in extra:
             out["overflow_to_sample_mapping"] = extra["overflow_to_sample_mapping"]
+        if "special_tokens_mask" in extra:
+            out["special_tokens_mask"] = [m for x in extra["special_tokens_mask"] for m in x]
         if return_tensors == "pt":
             out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
             out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)

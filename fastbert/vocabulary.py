@@ -4,7 +4,7 @@ do them. A model takes the grown vocabulary with ``model.resize_token_embeddings
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from tokenizers import AddedToken, Tokenizer, processors
@@ -77,6 +77,28 @@ class Vocabulary:
                 raise ValueError(f"token id {ids} is outside the vocabulary (size {len(self)})")
             return token
         return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Word pieces joined back into text (``##`` pieces glued on), as the decoder does."""
+        if self._tok.decoder is None:
+            return " ".join(tokens).replace(" ##", "")
+        return self._tok.decoder.decode(list(tokens))
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 3 if pair else 2
+
+    def get_special_tokens_mask(self, token_ids_0: Sequence[int], token_ids_1: Optional[Sequence[int]] = None,
+                                already_has_special_tokens: bool = False) -> List[int]:
+        """1 for special tokens, 0 for the others: of ids that already hold them (any special
+        id, [UNK] included, as Hugging Face marks them), or of the ``[CLS] A [SEP] B [SEP]``
+        sequence that one or two unformatted id lists would make."""
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise ValueError("ids that already hold their special tokens come as one sequence")
+            special = set(self.all_special_ids)
+            return [1 if int(i) in special else 0 for i in token_ids_0]
+        mask = [1] + [0] * len(token_ids_0) + [1]
+        return mask if token_ids_1 is None else mask + [0] * len(token_ids_1) + [1]
 
     # -- growing the vocabulary ---------------------------------------------------------------
     def add_tokens(self, new_tokens: Union[TokenLike, Sequence[TokenLike]], special_tokens: bool = False) -> int:

@@ -335,3 +335,35 @@ def test_pad_and_hugging_face_data_collator(minilm):
         _assert_same(ours.pad(ids, return_tensors="pt"), theirs.pad(ids, return_tensors="pt"), "left")
     finally:
         ours.padding_side = theirs.padding_side = "right"
+
+
+@pytest.mark.parametrize("tensors", [False, True], ids=["lists", "pt"])
+def test_special_tokens_mask_and_length_match_hf(tiny, tensors):
+    _, ours, theirs = tiny
+    kw = dict(padding=True, return_special_tokens_mask=True, return_length=True, return_tensors="pt" if tensors else None)
+    _assert_same(ours(TINY_TEXTS, TINY_PAIRS, **kw), theirs(TINY_TEXTS, TINY_PAIRS, **kw), "batch")
+    if not tensors:
+        _assert_same(ours("the cat", return_special_tokens_mask=True, return_length=True),
+                     theirs("the cat", return_special_tokens_mask=True, return_length=True), "one text")
+    ids = ours(TINY_TEXTS[0], "zebra")["input_ids"]  # [UNK] counts as special, as in HF
+    assert ours.get_special_tokens_mask(ids, already_has_special_tokens=True) == \
+        theirs.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    assert ours.get_special_tokens_mask([5, 6], [7]) == [1, 0, 0, 1, 0, 1]
+    pieces = ours.convert_ids_to_tokens(ids)
+    assert ours.convert_tokens_to_string(pieces) == theirs.convert_tokens_to_string(pieces)
+    assert [ours.num_special_tokens_to_add(p) for p in (False, True)] == [theirs.num_special_tokens_to_add(p) for p in (False, True)]
+    packed = ours(TINY_TEXTS, return_special_tokens_mask=True, packed=True)
+    assert packed["special_tokens_mask"] == [m for t in TINY_TEXTS for m in ours(t, return_special_tokens_mask=True)["special_tokens_mask"]]
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["collator-finds-specials", "given-mask"])
+def test_hugging_face_mlm_collator_takes_this_tokenizer(tiny, with_mask):
+    """DataCollatorForLanguageModeling draws the same masks with either tokenizer."""
+    _, ours, theirs = tiny
+    batches = []
+    for tok in (ours, theirs):
+        torch.manual_seed(0)
+        collate = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.5)
+        batches.append(collate([tok(t, return_special_tokens_mask=with_mask) for t in TINY_TEXTS]))
+    _assert_same(*batches, "collated")
+    assert (batches[0]["labels"] != -100).any()
