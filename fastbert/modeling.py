@@ -14,6 +14,7 @@ pooled outputs and losses with ``-100`` at padding agree with HF.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -200,17 +201,23 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
-        self.checkpoint_kwargs = {}  # passed to torch.utils.checkpoint (HF's gradient_checkpointing_kwargs)
+        self.checkpoint_kwargs = {}  # passed to torch.utils.checkpoint (HF's activation_checkpointing_kwargs)
+        self.checkpoint_every = 1  # layers 0, n, 2n... are recomputed
+        self.checkpoint_offload = False  # their saved inputs wait in pinned host memory
 
     def forward(self, hidden_states, attention_mask=None, packing=None, additive_mask=None,
                 output_attentions=False, output_hidden_states=False):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_probs = [] if output_attentions else None
-        for layer in self.layer:
+        for i, layer in enumerate(self.layer):
             args = (hidden_states, attention_mask, packing, additive_mask, output_attentions)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and i % self.checkpoint_every == 0):
                 kwargs = {"use_reentrant": False, **self.checkpoint_kwargs}
-                hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, **kwargs)
+                offload = (torch.autograd.graph.save_on_cpu(pin_memory=hidden_states.is_cuda)
+                           if self.checkpoint_offload else contextlib.nullcontext())
+                with offload:
+                    hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, **kwargs)
             else:
                 hidden_states, probs = layer(*args)
             if all_hidden is not None:

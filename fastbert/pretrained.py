@@ -203,22 +203,38 @@ class BertPreTrainedModel(nn.Module):
 
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Recompute each layer in the backward pass (HF's method; the kwargs go to
-        ``torch.utils.checkpoint.checkpoint``, ``use_reentrant=False`` unless given)."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute encoder layers in the backward pass instead of keeping their activations
+        (Hugging Face's method and options): layers 0, n, 2n… with ``every_n_layers=n``; with
+        ``offload`` the checkpointed layers' inputs wait in pinned host memory. The kwargs go
+        to ``torch.utils.checkpoint.checkpoint`` (``use_reentrant=False`` unless given)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
-                m.checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {})
+                m.checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+                m.checkpoint_every = every_n_layers
+                m.checkpoint_offload = bool(offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
-    def gradient_checkpointing_disable(self) -> None:
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def activation_checkpointing_disable(self) -> None:
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = False
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     # -- vocabulary -----------------------------------------------------------------------
     @property

@@ -211,7 +211,12 @@ def test_train_mode_applies_dropout(unpad):
     assert torch.equal(c.logits, d.logits)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("how,kwargs,recomputed", [
+    ("gradient", dict(gradient_checkpointing_kwargs={"use_reentrant": False}), 3),
+    ("activation", dict(every_n_layers=2), 2),  # layers 0 and 2 of 3
+    ("activation", dict(offload=True, activation_checkpointing_kwargs={"preserve_rng_state": False}), 3),
+], ids=["gradient", "every-2", "offload"])
+def test_checkpointing_gives_the_same_gradients(how, kwargs, recomputed, monkeypatch):
     hf, fb = twins("BertForMaskedLM", **config_kwargs("h96-6h-3l-gelu_new"))
     ids, tt, mask = inputs(PADDINGS["mixed"])
     labels = ids.masked_fill(mask == 0, -100)
@@ -219,13 +224,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     fb(ids, attention_mask=mask, labels=labels).loss.backward()
     plain = {n: p.grad.clone() for n, p in fb.named_parameters()}
     fb.zero_grad()
-    fb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert fb.is_gradient_checkpointing
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or checkpoint(*a, **k))
+    getattr(fb, f"{how}_checkpointing_enable")(**kwargs)
+    assert fb.is_gradient_checkpointing and fb.is_activation_checkpointing
     fb(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(calls) == recomputed and all(k["use_reentrant"] is False for k in calls)
     for n, p in fb.named_parameters():
         check(f"grad_checkpointing:{n}", p.grad, plain[n])
-    fb.gradient_checkpointing_disable()
+    getattr(fb, f"{how}_checkpointing_disable")()
     assert not fb.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="every_n_layers must be a positive int"):
+        fb.activation_checkpointing_enable(every_n_layers=0)
 
 
 # -- output access --------------------------------------------------------------------------
