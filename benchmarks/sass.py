@@ -97,7 +97,7 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
     sig = dict({n: "i32" for n in ints}, Q=f16, K=f16, V=f16, O=f16, LSE=f32, KeyMask="*i64", CuSeqlens="*i32",
                Seed="*i64", sm_scale="fp32", dropout_p="fp32")
     const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M": 64, "BLOCK_N": 64,
-             "PACKED": False, "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "STORE_LSE": True,
+             "PACKED": False, "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "STORE_LSE": True, "POS_SCALE": True,
              "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_mn": 1}
     unspecialised = {"stride_lh", "stride_lb"}  # do_not_specialize, as seqlen_q and seqlen_k
     divisible = ["Q", "K", "V", "O", "LSE", "KeyMask"] + [

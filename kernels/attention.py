@@ -52,9 +52,13 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, start_n, len_k, d_ok, dv_ok,
               seed, bh, drop_stride, dropout_p, qk_scale,
-              BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+              BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+              POS_SCALE: tl.constexpr):
     """One key block of the online softmax. ``BOUNDS`` masks keys past the sequence end (only
-    the last block needs it); ``HAS_MASK`` applies the key-padding mask."""
+    the last block needs it); ``HAS_MASK`` applies the key-padding mask. With a positive
+    scale (``POS_SCALE``) the row max is taken on the unscaled scores and scaled once, and
+    each probability is ``exp2(s · scale - max)``: one fused multiply-add per score where a
+    multiply and a subtract were (sm_90 main loop 330 -> 297 instructions at D=64)."""
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"  # fp32 inputs: exact fp32 products, not tf32
     kn = start_n + offs_n
     if BOUNDS:
@@ -67,13 +71,16 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, start
         v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
     if HAS_MASK:
         n_ok = n_ok & (tl.load(mask_ptrs, mask=n_ok, other=0) != 0)
-    s = tl.dot(q, tl.trans(k), None, input_precision=PREC) * qk_scale  # log2 domain
+    s = tl.dot(q, tl.trans(k), None, input_precision=PREC)
+    if not POS_SCALE:  # max(s · scale) is max(s) · scale only for scale > 0: scale first
+        s = s * qk_scale
+        qk_scale = 1.0
     if BOUNDS or HAS_MASK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 domain
     # A row that has seen no real key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
@@ -101,6 +108,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     STORE_LSE: tl.constexpr,      # write LSE (the backward's; not needed without one)
+    POS_SCALE: tl.constexpr,      # sm_scale > 0 (always, unless a caller passes its own scale)
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
@@ -136,12 +144,12 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
                                   mask_ptrs + start_n * stride_mn, offs_m, offs_n, start_n, len_k, d_ok, dv_ok,
                                   seed, bh, drop_stride, dropout_p, qk_scale,
-                                  BOUNDS=False, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE)
+                                  BOUNDS=False, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE, POS_SCALE=POS_SCALE)
     if full < len_k:
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs + full * stride_kn, v_ptrs + full * stride_vn,
                                   mask_ptrs + full * stride_mn, offs_m, offs_n, full, len_k, d_ok, dv_ok,
                                   seed, bh, drop_stride, dropout_p, qk_scale,
-                                  BOUNDS=True, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE)
+                                  BOUNDS=True, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, IEEE=IEEE, POS_SCALE=POS_SCALE)
 
     empty = l_i == 0.0  # no real key: zeros out, +inf log-sum-exp
     l_safe = tl.where(empty, 1.0, l_i)
@@ -234,7 +242,7 @@ def _launch_forward(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, scale, drop
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-        STORE_LSE=store_lse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STORE_LSE=store_lse, POS_SCALE=scale > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 

@@ -130,6 +130,17 @@ def test_scattered_mask(mask_dtype):
     _check(leaves, lambda q, k, v: (q, k, v), attention_mask=mask, scale=0.3)
 
 
+@pytest.mark.parametrize("scale", [-0.4, 0.0], ids=["negative", "zero"])
+def test_scales_that_are_not_positive(scale):
+    """The forward takes its row max on unscaled scores only when the scale is positive;
+    a negative or zero scale (uniform attention) takes the other path, and a fully padded
+    row still gives zeros."""
+    batch, seqlen = 4, 37
+    mask = _keep_mask("mixed", batch, seqlen)
+    out = _check([_fused_qkv(batch, seqlen, dim=16, dtype=torch.float32)], _unbind, attention_mask=mask, scale=scale)
+    assert out[3].abs().max() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_packed_matches_reference(dtype):
     """Packed (T, H, D) with cu_seqlens, including an empty and a length-1 sequence."""
@@ -374,19 +385,20 @@ def _arg_types(fn, ptr="*fp16"):
 
 def test_compiles_for_hopper(tmp_path):
     """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
-    at D=64 and 128x64 at D=128, fp32 64x32; backward fp16 32/64 at D=64 and 32/128 at
-    D=128, fp32 32/64, with three gradient tensors and with one, delta from the pre-pass and
-    fused, dQ from its own pass and from atomic adds), every feature on."""
+    at D=64 and 128x64 at D=128, fp32 64x32, for positive and other scales; backward fp16
+    32/64 at D=64 and 32/128 at D=128, fp32 32/64, with three gradient tensors and with one,
+    delta from the pre-pass and fused, dQ from its own pass and from atomic adds), every
+    feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
 
     mod, bwd_mod = "fastbert.kernels.attention", "fastbert.kernels.attention_bwd"
     flags = dict(HEAD_DIM=64, HEAD_DIM_V=64, BLOCK_D=64, BLOCK_DV=64, PACKED=True, HAS_MASK=True, DROPOUT=True)
-    fwd = dict(flags, STORE_LSE=True)
+    fwd = dict(flags, STORE_LSE=True, POS_SCALE=True)
     specs = [(mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(fwd, BLOCK_M=64, BLOCK_N=64, IEEE=False), 4),
              (mod, "_attn_fwd", _arg_types(kernel._attn_fwd),
-              dict(fwd, BLOCK_M=64, BLOCK_N=64, IEEE=False, STORE_LSE=False), 4),
+              dict(fwd, BLOCK_M=64, BLOCK_N=64, IEEE=False, STORE_LSE=False, POS_SCALE=False), 4),
              (mod, "_attn_fwd", _arg_types(kernel._attn_fwd), dict(fwd, BLOCK_M=128, BLOCK_N=64, IEEE=False), 4),
              (mod, "_attn_fwd", _arg_types(kernel._attn_fwd, "*fp32"),
               dict(fwd, BLOCK_M=64, BLOCK_N=32, IEEE=True, PACKED=False), 4),
