@@ -190,7 +190,10 @@ struct SegIO {
 };
 
 __device__ __forceinline__ bool seg_row_ok(const SegIO& s, int table, int64_t id) {
-  return id >= 0 && id < s.rows[table] && !(table == 0 && id == s.padding_idx);
+  // Constant indices: indexing the kernel argument's arrays by a run-time table would copy the
+  // whole struct to a local-memory stack frame (120 bytes per thread, seen in ptxas -v).
+  const int64_t rows = table == 0 ? s.rows[0] : table == 1 ? s.rows[1] : s.rows[2];
+  return id >= 0 && id < rows && !(table == 0 && id == s.padding_idx);
 }
 
 __device__ __forceinline__ void load_dx4(const SegIO& s, int64_t tok, int col, bool vec, float* v) {
@@ -206,7 +209,8 @@ __device__ __forceinline__ void load_dx4(const SegIO& s, int64_t tok, int col, b
 
 template <typename T>
 __device__ __forceinline__ void store_row4(const SegIO& s, int table, int64_t id, int col, const float* v) {
-  T* r = static_cast<T*>(s.grad[table]) + id * s.hidden + col;
+  void* grad = table == 0 ? s.grad[0] : table == 1 ? s.grad[1] : s.grad[2];  // constant indices, as above
+  T* r = static_cast<T*>(grad) + id * s.hidden + col;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     if (col + i < s.hidden) r[i] = from_f<T>(v[i]);

@@ -27,15 +27,6 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_fwd_vec_kernel(Tables<T
   const int lane = threadIdx.x & 31;
   const int H = tb.hidden;
   const uint64_t seed = d.seed ? static_cast<uint64_t>(*d.seed) : 0;
-  float g[NV][VEC], b[NV][VEC];
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int col = (k * 32 + lane) * VEC;
-    if (col < H) {
-      load_params16<T>(o.gamma, o.param_is_float, col, g[k]);
-      load_params16<T>(o.beta, o.param_is_float, col, b[k]);
-    }
-  }
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < tb.tokens;
        t += static_cast<int64_t>(gridDim.x) * kWarps) {
     T* out = static_cast<T*>(o.out) + t * H;
@@ -75,8 +66,11 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_fwd_vec_kernel(Tables<T
     for (int k = 0; k < NV; ++k) {
       const int col = (k * 32 + lane) * VEC;
       if (col < H) {
+        float g[VEC], b[VEC];  // read here (L1 hits after the first warp), not held across the row loads
+        load_params16<T>(o.gamma, o.param_is_float, col, g);
+        load_params16<T>(o.beta, o.param_is_float, col, b);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) x[k][i] = (x[k][i] - mean) * rstd * g[k][i] + b[k][i];
+        for (int i = 0; i < VEC; ++i) x[k][i] = (x[k][i] - mean) * rstd * g[i] + b[i];
         if (d.seed) dropout_vec(d, seed, t, col, VEC, x[k]);
         store16(out + col, x[k]);
       }
