@@ -9,7 +9,6 @@ PyTorch has a faster composition of the same math (``fastbert.ops``). They compu
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .reference import _acc, attention_by

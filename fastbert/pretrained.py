@@ -3,7 +3,6 @@ in Hugging Face's format (config.json + model.safetensors or pytorch_model.bin).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Dict, Optional, Union
@@ -11,54 +10,13 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, read_state_dict, shard_bytes, write_state_dict  # noqa: F401 (re-exported)
 from .config import BertConfig
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
 # Keys some checkpoints carry that hold no weights of their own.
 _IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
 # Keys of other heads that a checkpoint may carry; loading into a model without them drops them.
 _OTHER_HEADS = ("cls.", "classifier.", "qa_outputs.", "pooler.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names every missing, unexpected or mis-shaped key."""
-
-
-def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, or of the (possibly sharded) weights in a directory."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for index in (SAFE_INDEX, TORCH_INDEX):
-            if os.path.isfile(os.path.join(path, index)):
-                with open(os.path.join(path, index), encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                state: Dict[str, torch.Tensor] = {}
-                for shard in shards:
-                    state.update(read_state_dict(os.path.join(path, shard)))
-                return state
-        for name in (SAFE_WEIGHTS, TORCH_WEIGHTS):
-            if os.path.isfile(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name))
-        raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {TORCH_WEIGHTS} in {path}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # safetensors, pickle and zip errors alike: the file is unreadable
-        raise CheckpointError(f"could not read checkpoint {path} (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return state
 
 
 def _resolve_dtype(dtype, config: BertConfig, state: Dict[str, torch.Tensor]) -> Optional[torch.dtype]:
@@ -387,17 +345,33 @@ class BertPreTrainedModel(nn.Module):
             model.to(device=device, dtype=dtype)
         return model
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """config.json + model.safetensors, in the form ``transformers`` loads."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None, max_shard_size: Union[int, str] = "50GB",
+                        safe_serialization: bool = True, **kwargs) -> None:
+        """config.json + model.safetensors, in the form ``transformers`` loads, with HF's
+        options: only the main process writes (``is_main_process``); ``state_dict`` replaces
+        the model's own tensors; past ``max_shard_size`` ("5GB", "500MB" or bytes) the
+        weights go in numbered shards and an index; ``safe_serialization=False`` writes
+        pytorch_model.bin. Files of an earlier save in the directory are replaced."""
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("fastbert saves to local directories only: push_to_hub is not supported")
+        unknown = set(kwargs) - {"token", "save_peft_format", "save_original_format", "distributed_checkpoint"}
+        if unknown or kwargs.get("distributed_checkpoint"):
+            raise TypeError(f"save_pretrained: unsupported arguments {sorted(unknown or ['distributed_checkpoint'])}")
+        shard_bytes(max_shard_size)  # a bad size fails before anything is written
+        if not is_main_process:
+            return
+        directory = os.fspath(save_directory)
+        if os.path.isfile(directory):
+            raise ValueError(f"save_pretrained needs a directory, and {directory} is a file")
         os.makedirs(directory, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).replace("torch.", "")
         self.config.save_pretrained(directory)
         seen, state = set(), {}
-        for key, value in self.state_dict().items():
+        for key, value in (self.state_dict() if state_dict is None else state_dict).items():
             if value.data_ptr() in seen and key.startswith("cls.predictions.decoder."):
                 continue  # tied to the word embeddings / the prediction bias; HF re-ties on load
             seen.add(value.data_ptr())
             state[key] = value.detach().contiguous().cpu()
-        save_file(state, os.path.join(directory, SAFE_WEIGHTS), metadata={"format": "pt"})
+        write_state_dict(state, directory, max_shard_size, safe=safe_serialization)

@@ -158,6 +158,48 @@ def test_weights_file_path_and_sharded_index(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(two.state_dict().values(), fb.state_dict().values()))
 
 
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_and_bin_saves_load_in_both(safe, tmp_path):
+    """save_pretrained's max_shard_size and safe_serialization write what transformers and
+    fastbert both load; a later save in the same directory replaces the earlier files."""
+    hf_ref, fb = twins("BertForMaskedLM", **CFG)
+    fb.eval().save_pretrained(tmp_path, max_shard_size="20KB", safe_serialization=safe)
+    stem, ext, index = ("model", "safetensors", "model.safetensors.index.json") if safe else \
+        ("pytorch_model", "bin", "pytorch_model.bin.index.json")
+    shards = sorted(f for f in os.listdir(tmp_path) if f.startswith(stem + "-"))
+    assert len(shards) > 2 and shards[0] == f"{stem}-00001-of-{len(shards):05d}.{ext}" and index in os.listdir(tmp_path)
+    index_map = __import__("json").loads((tmp_path / index).read_text())
+    assert sorted(set(index_map["weight_map"].values())) == shards and index_map["metadata"]["total_size"] > 20_000
+    ids, mask = _ids()
+    m = mask.bool()
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    again = fastbert.BertForMaskedLM.from_pretrained(tmp_path)
+    want = fb(ids, attention_mask=mask).logits[m]
+    check("sharded->hf", hf(ids, attention_mask=mask).logits[m], want)
+    assert torch.equal(again(ids, attention_mask=mask).logits[m], want)
+    fb.save_pretrained(tmp_path)  # unsharded now: the shards and the index go
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+def test_save_pretrained_options(tmp_path):
+    _, fb = twins("BertModel", **CFG)
+    fb.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()
+    halved = {k: v / 2 for k, v in fb.state_dict().items()}
+    fb.save_pretrained(tmp_path / "given", state_dict=halved, token=None)
+    loaded = fastbert.BertModel.from_pretrained(tmp_path / "given")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in halved.items())
+    with pytest.raises(ValueError, match="push_to_hub is not supported"):
+        fb.save_pretrained(tmp_path, push_to_hub=True)
+    with pytest.raises(TypeError, match="unsupported arguments \\['variant'\\]"):
+        fb.save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(ValueError, match="max_shard_size must be a positive byte count"):
+        fb.save_pretrained(tmp_path, max_shard_size="lots")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        fb.save_pretrained(tmp_path / "file")
+
+
 def test_errors_name_every_bad_key(tmp_path):
     _, fb = twins("BertModel", **CFG)
     state = dict(fb.state_dict())
