@@ -387,29 +387,29 @@ class BertTokenizer(Vocabulary):
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
     # -- saving -------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, directory: Union[str, os.PathLike], **_hub_options) -> Tuple[str, ...]:
         """tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json (and
-        added_tokens.json when tokens were added), the files Hugging Face's tokenizers read."""
+        added_tokens.json when tokens were added), the files Hugging Face's tokenizers read;
+        returns their paths, as Hugging Face does."""
+        directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, TOKENIZER_FILE))
+        written = [os.path.join(directory, TOKENIZER_FILE), os.path.join(directory, VOCAB_FILE)]
+        self._tok.save(written[0])
         vocab = sorted(self._tok.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
-        with open(os.path.join(directory, VOCAB_FILE), "w", encoding="utf-8") as f:
+        with open(written[1], "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token, _ in vocab)
+        extras = {"extra_special_tokens": list(self.extra_special_tokens)} if self.extra_special_tokens else {}
+        files = {TOKENIZER_CONFIG: dict(tokenizer_class="BertTokenizer", do_lower_case=self.do_lower_case,
+                                        model_max_length=self.model_max_length, **self.special_tokens, **extras),
+                 SPECIAL_TOKENS_MAP: dict(self.special_tokens, **{"additional_special_tokens": v for v in extras.values()})}
         added = {t: i for t, i in self.get_added_vocab().items() if t not in self.special_tokens.values()}
         if added:
-            with open(os.path.join(directory, ADDED_TOKENS), "w", encoding="utf-8") as f:
-                json.dump(added, f, indent=2, ensure_ascii=False)
-        specials = dict(self.special_tokens)
-        if self.extra_special_tokens:
-            specials["additional_special_tokens"] = list(self.extra_special_tokens)
-        config = dict(tokenizer_class="BertTokenizer", do_lower_case=self.do_lower_case,
-                      model_max_length=self.model_max_length, **self.special_tokens)
-        if self.extra_special_tokens:
-            config["extra_special_tokens"] = list(self.extra_special_tokens)
-        with open(os.path.join(directory, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(directory, SPECIAL_TOKENS_MAP), "w", encoding="utf-8") as f:
-            json.dump(specials, f, indent=2)
+            files[ADDED_TOKENS] = added
+        for name, data in files.items():
+            written.append(os.path.join(directory, name))
+            with open(written[-1], "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, ensure_ascii=False)
+        return tuple(written)
 
     def __repr__(self) -> str:
         return (f"BertTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "

@@ -52,7 +52,8 @@ def test_added_tokens_round_trip(tiny_dir, tmp_path, files):
     tok = fastbert.BertTokenizer.from_pretrained(tiny_dir)
     _grow(tok)
     out = tmp_path / "saved"
-    tok.save_pretrained(out)
+    written = tok.save_pretrained(out)
+    assert sorted(os.path.basename(p) for p in written) == sorted(os.listdir(out)) and "added_tokens.json" in os.listdir(out)
     if files == "vocab.txt":  # HF's slow-tokenizer files only: vocab.txt + added_tokens.json
         os.remove(out / "tokenizer.json")
         assert (out / "vocab.txt").read_text(encoding="utf-8").split() == TINY_VOCAB
