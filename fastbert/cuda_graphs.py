@@ -307,8 +307,9 @@ class CUDAGraphRunner:
     def _row_lengths(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int,
                      seqlen: int) -> Optional[List[int]]:
         """The real tokens of each row of the bucket (its sequences, choices flattened), or
-        None where the input should run padded: unpadding is off, or the attention kernel
-        cannot be captured packed (the eager reference reads cu_seqlens on the host)."""
+        None where the input should run padded: unpadding is off, the attention kernel
+        cannot be captured packed (the eager reference reads cu_seqlens on the host), or a
+        row is left-padded."""
         dtype = next(self.model.parameters()).dtype
         if not self.unpad or implementation("attention_qkv", self.device, dtype) is reference.attention_qkv:
             return None
@@ -316,7 +317,10 @@ class CUDAGraphRunner:
         if attention_mask is None:  # only the bucket's padding: known without reading the device
             real_rows = rows.shape[0] // inputs.shape[1] * batch
             return [seqlen] * real_rows + [0] * (rows.shape[0] - real_rows)
-        return rows.sum(1).tolist()
+        lengths, first = torch.stack([rows.sum(1), rows[:, 0]]).tolist()
+        if any(n > 0 and not f for n, f in zip(lengths, first)):
+            return None  # left padding runs padded, as in the eager model (the pooler reads position 0)
+        return lengths
 
     def _check_shapes(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):

@@ -14,11 +14,12 @@ class BatchEncoding(dict):
     segment, as Hugging Face's fast tokenizers do (to align labels, or to find the context of
     a question-answering window)."""
 
-    def __init__(self, data=(), encodings: Optional[Sequence] = None):
+    def __init__(self, data=(), encodings: Optional[Sequence] = None, pad_left: bool = False):
         super().__init__(data)
         # tokenizers' Encoding of each row, read only when a map is asked for: building the maps
         # of every call would cost tokenization time for what few callers use.
         self._encodings = encodings
+        self._pad_left = pad_left  # padding went before the tokens (padding_side="left")
 
     def __getattr__(self, name):
         try:
@@ -28,7 +29,7 @@ class BatchEncoding(dict):
 
     def to(self, device) -> "BatchEncoding":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
-        return BatchEncoding(moved, self._encodings)
+        return BatchEncoding(moved, self._encodings, self._pad_left)
 
     def _map(self, batch_index: int, which: str) -> List[Optional[int]]:
         if self._encodings is None:
@@ -37,7 +38,8 @@ class BatchEncoding(dict):
         batched = ids.dim() == 2 if isinstance(ids, torch.Tensor) else bool(ids) and isinstance(ids[0], (list, tuple))
         row = ids[batch_index] if batched else ids
         values = list(getattr(self._encodings[batch_index], which))
-        return values + [None] * (len(row) - len(values))  # padding tokens map to nothing
+        pads = [None] * (len(row) - len(values))  # padding tokens map to nothing
+        return pads + values if self._pad_left else values + pads
 
     def word_ids(self, batch_index: int = 0) -> List[Optional[int]]:
         """The word each token of row ``batch_index`` came from (None for special and padding tokens)."""

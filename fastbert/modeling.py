@@ -402,7 +402,11 @@ class BertModel(BertPreTrainedModel):
         if key_mask is not None and getattr(self, "static_packing", None) is not None:
             packing, key_mask = self._checked_static_packing(batch, seqlen), None
         elif key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
-            packing, key_mask = unpad_mask(key_mask), None  # None without padding: no gather, no scatter
+            packing = unpad_mask(key_mask)  # None without padding: no gather, no scatter
+            if packing is not None and packing.leading_pad:
+                packing = None  # left padding: position 0 is a pad that the pooler reads, computed as HF does
+            else:
+                key_mask = None
         if packing is not None:
             ids = [None if t is None else unpad(t, packing) for t in (input_ids, token_type_ids, position_ids, inputs_embeds)]
             hidden = self.embeddings(*ids)

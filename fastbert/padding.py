@@ -28,6 +28,7 @@ class Packing:
     batch: int
     seqlen: int
     spare: int = 0            # rows after the B*S positions that tokens past cu_seqlens[-1] map to
+    leading_pad: bool = False  # some row has real tokens but a padded first position (left padding)
 
     @property
     def total(self) -> int:
@@ -36,18 +37,22 @@ class Packing:
 
 def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
     """The packing of a (B, S) mask with nonzero entries at real tokens (in any order), or
-    None when every token is real (nothing to gather or scatter)."""
+    None when every token is real (nothing to gather or scatter). ``leading_pad`` tells
+    whether a row with real tokens starts with padding (left padding): the pooler reads
+    position 0, which Hugging Face computes there, so such batches run padded."""
     batch, seqlen = attention_mask.shape
     keep = attention_mask.reshape(-1) != 0
     lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
-    host = lengths.tolist()  # the one read from the device; everything below is sized by it
+    # The one read from the device; everything below is sized by it.
+    host, first = torch.stack([lengths, keep.view(batch, seqlen)[:, 0].int()]).tolist() if batch else ([], [])
     if sum(host) == batch * seqlen:
         return None
     indices = nonzero(keep, sum(host))
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     longest = max(host, default=0)
     mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
-    return Packing(indices, cu_seqlens, longest, batch, seqlen)
+    return Packing(indices, cu_seqlens, longest, batch, seqlen,
+                   leading_pad=any(n > 0 and not f for n, f in zip(host, first)))
 
 
 def nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:

@@ -259,13 +259,15 @@ class BertTokenizer(Vocabulary):
             target = max_length if pad == "max_length" else max(len(x) for x in ids)
             if pad_to_multiple_of:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            ids = [x + [self.pad_token_id] * (target - len(x)) for x in ids]
-            types = [x + [0] * (target - len(x)) for x in types]
-            masks = [x + [0] * (target - len(x)) for x in masks]
+            left = self._pad_left()
+
+            def padded(rows, fill):
+                return [[fill] * (target - len(x)) + x if left else x + [fill] * (target - len(x)) for x in rows]
+            ids, types, masks = padded(ids, self.pad_token_id), padded(types, 0), padded(masks, 0)
             if return_offsets_mapping:
-                extra["offset_mapping"] = [x + [(0, 0)] * (target - len(x)) for x in extra["offset_mapping"]]
+                extra["offset_mapping"] = padded(extra["offset_mapping"], (0, 0))
             if return_special_tokens_mask:
-                extra["special_tokens_mask"] = [x + [1] * (target - len(x)) for x in extra["special_tokens_mask"]]
+                extra["special_tokens_mask"] = padded(extra["special_tokens_mask"], 1)
         out = {"input_ids": ids}
         if return_token_type_ids:
             out["token_type_ids"] = types
@@ -279,12 +281,13 @@ class BertTokenizer(Vocabulary):
                                  "pass padding=True (or padding='max_length'), or packed=True")
             if return_length:
                 out["length"] = lengths
-            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, encodings)
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, encodings,
+                                 pad is not None and self._pad_left())
         if single and not return_overflowing_tokens:
             out = {k: v[0] for k, v in out.items()}
         if return_length:
             out["length"] = lengths
-        return BatchEncoding(out, encodings)
+        return BatchEncoding(out, encodings, pad is not None and self._pad_left())
 
     @staticmethod
     def _as_word_batch(text, text_pair) -> Tuple[List[List[str]], Optional[List[List[str]]], bool]:
@@ -352,6 +355,11 @@ class BertTokenizer(Vocabulary):
     padding_side = "right"
     model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
 
+    def _pad_left(self) -> bool:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        return self.padding_side == "left"
+
     def pad(self, encoded_inputs, padding: Union[bool, str] = True, max_length: Optional[int] = None,
             pad_to_multiple_of: Optional[int] = None, return_attention_mask: Optional[bool] = None,
             return_tensors: Optional[str] = None, **_ignored) -> BatchEncoding:
@@ -364,8 +372,7 @@ class BertTokenizer(Vocabulary):
             raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        self._pad_left()
         return pad_encoded(encoded_inputs, dict(PAD_VALUES, input_ids=self.pad_token_id), self.padding_side,
                            _PADDING[padding], max_length, pad_to_multiple_of, return_attention_mask, return_tensors)
 

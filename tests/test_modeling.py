@@ -8,9 +8,12 @@ out-of-range positions so that padding does not enter them.
 """
 
 import functools
+from unittest.mock import patch
 
 import pytest
 import torch
+
+import fastbert.modeling
 
 from hf_bert import CONFIGS, PADDINGS, SEQ, check, config_kwargs, dump_report, inputs, twins
 
@@ -358,6 +361,30 @@ def test_3d_and_4d_masks(kind):
         per_head[:, 3, :, 1] = torch.finfo(torch.float32).min
         ours, theirs = fb(ids, attention_mask=per_head).last_hidden_state, hf(ids, attention_mask=per_head).last_hidden_state
     check(f"mask {kind}", ours, theirs)
+
+
+@pytest.mark.parametrize("layout", ["left", "scattered", "right"])
+def test_masks_that_are_not_prefixes(layout):
+    """Left padding (HF's padding_side="left") and scattered masks: real positions and the
+    pooled output match HF. A left-padded row's pooler reads a padded position 0, which HF
+    computes, so such batches run padded; the others still run unpadded."""
+    hf, fb = twins("BertForSequenceClassification", **config_kwargs("h32-4h-2l-relu", num_labels=3))
+    hf.eval(), fb.eval()
+    ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
+    if layout == "left":
+        ids, tt, mask = ids.flip(1), tt.flip(1), mask.flip(1)
+    elif layout == "scattered":
+        mask[:, 0] = 1  # [CLS] real, holes after it
+        mask[1, 2] = mask[3, 5] = 0
+    gathers = []
+    real = fastbert.modeling.unpad
+    with patch.object(fastbert.modeling, "unpad", lambda *a: gathers.append(1) or real(*a)):
+        ours = fb(ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    theirs = hf(ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    assert bool(gathers) == (layout != "left")
+    m = mask.bool()
+    check(f"mask {layout}: hidden", ours.hidden_states[-1][m], theirs.hidden_states[-1][m])
+    check(f"mask {layout}: logits", ours.logits, theirs.logits)
 
 
 def test_input_and_output_embeddings_accessors():

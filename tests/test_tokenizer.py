@@ -367,3 +367,24 @@ def test_hugging_face_mlm_collator_takes_this_tokenizer(tiny, with_mask):
         batches.append(collate([tok(t, return_special_tokens_mask=with_mask) for t in TINY_TEXTS]))
     _assert_same(*batches, "collated")
     assert (batches[0]["labels"] != -100).any()
+
+
+@pytest.mark.parametrize("tensors", [False, True], ids=["lists", "pt"])
+def test_left_padding_matches_hf(tiny, tensors):
+    """padding_side="left": every padded key and the token maps put the padding first."""
+    _, ours, theirs = tiny
+    kw = dict(padding="max_length", max_length=24, truncation=True, return_special_tokens_mask=True,
+              return_offsets_mapping=not tensors,
+              return_tensors="pt" if tensors else None)
+    try:
+        ours.padding_side = theirs.padding_side = "left"
+        a, b = ours(TINY_TEXTS, TINY_PAIRS, **kw), theirs(TINY_TEXTS, TINY_PAIRS, **kw)
+        _assert_same(a, b, "left")
+        for i in range(len(TINY_TEXTS)):
+            assert a.word_ids(i) == b.word_ids(i) and a.sequence_ids(i) == b.sequence_ids(i)
+        _assert_same(ours.pad([ours(t) for t in TINY_TEXTS]), theirs.pad([theirs(t) for t in TINY_TEXTS]), "pad()")
+        ours.padding_side = "middle"
+        with pytest.raises(ValueError, match="padding_side must be 'right' or 'left'"):
+            ours(TINY_TEXTS, padding=True)
+    finally:
+        ours.padding_side = theirs.padding_side = "right"
