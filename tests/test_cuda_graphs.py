@@ -141,6 +141,22 @@ def test_fill_packing_layout():
         fill_packing(packing, torch.ones(16, dtype=torch.long), [4] * 4)  # 16 real tokens > 8
 
 
+def test_left_padded_rows_run_padded():
+    """The runner's choice of a packed or a padded graph: right-padded rows pack, a row that
+    starts with padding (padding_side="left") runs padded, as in the eager model, and so
+    does a runner with unpadding off. Rows with no real token never force the padded graph."""
+    from types import SimpleNamespace
+    model = fastbert.BertModel(tiny_config()).eval()
+    runner = SimpleNamespace(model=model, unpad=True, device=torch.device("cpu"))
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    stacked = torch.stack([torch.ones_like(right), right, torch.zeros_like(right), torch.zeros_like(right)])
+    assert CUDAGraphRunner._row_lengths(runner, stacked, right, 3, 4) == [3, 2, 0]
+    left = right.flip(1)
+    assert CUDAGraphRunner._row_lengths(runner, stacked.flip(-1), left, 3, 4) is None
+    runner.unpad = False
+    assert CUDAGraphRunner._row_lengths(runner, stacked, right, 3, 4) is None
+
+
 def _poison_spare_rows(model, total):
     """Fill the attention output of every token past the real ones with NaN (the kernel
     leaves those rows unwritten): nothing may carry them into a real or padded position."""
