@@ -38,6 +38,7 @@ _DEFAULTS: Dict[str, Any] = dict(
     output_attentions=False,
     output_hidden_states=False,
     return_dict=True,
+    torchscript=False,
     bos_token_id=None,
     eos_token_id=None,
     architectures=None,
@@ -106,6 +107,11 @@ class BertConfig:
     def num_labels(self, n: int) -> None:
         self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        """Outputs as dataclasses, unless ``return_dict`` is off or ``torchscript`` asks for tuples (HF's rule)."""
+        return bool(self.return_dict) and not getattr(self, "torchscript", False)
 
     @property
     def head_dim(self) -> int:

@@ -49,9 +49,11 @@ def _check_dropout(op: str, p: float):
 
 
 def _cannot_sync(t: torch.Tensor) -> bool:
-    """True while tracing for torch.compile or capturing a CUDA graph: reading values
-    from the device would break the graph or invalidate the capture."""
-    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """True while tracing (torch.compile, torch.export, torch.jit.trace) or capturing a CUDA
+    graph: reading values from the device would break the graph, bake them into a trace, or
+    invalidate the capture."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def check_index_range(op: str, name: str, ids: torch.Tensor, upper: int):
@@ -153,7 +155,7 @@ def linear_gelu(x, weight, bias, approximate="none"):
     if weight.dtype != x.dtype and not autocast:
         _fail(op, f"weight is {weight.dtype} but x is {x.dtype} (outside autocast they must match, as in F.linear)")
     fn = implementation(op, x.device, x.dtype)
-    if (fn is reference.linear_gelu or autocast
+    if (fn is reference.linear_gelu or autocast or torch.jit.is_tracing()  # a trace must serve both grad modes
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))):
         h = F.linear(x, weight)  # bias_gelu's checks hold: bias is (N,) and on x's device
         return implementation("bias_gelu", h.device, h.dtype)(h, bias, approximate)

@@ -111,7 +111,7 @@ def _bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs
 
 
 def _finish(out, return_dict, config):
-    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    return_dict = config.use_return_dict if return_dict is None else return_dict
     return out if return_dict else out.to_tuple()
 
 

@@ -104,9 +104,10 @@ class BertSelfAttention(nn.Module):
 
     def qkv_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The fused (3H, H) weight and (3H,) bias. Cached while the parameters are unchanged
-        and no gradient is needed (inference); concatenated afresh when training."""
+        and no gradient is needed (inference); concatenated afresh when training or tracing
+        (a trace must read the parameters, not a cached copy)."""
         params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:3]), torch.cat(params[3:])
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
@@ -374,7 +375,7 @@ class BertModel(BertPreTrainedModel):
         output_attentions = bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions)
         output_hidden_states = bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
                                     else output_hidden_states)
-        return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+        return_dict = config.use_return_dict if return_dict is None else return_dict
 
         batch, seqlen = self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
         device = self.embeddings.word_embeddings.weight.device
@@ -401,7 +402,7 @@ class BertModel(BertPreTrainedModel):
 
         if key_mask is not None and getattr(self, "static_packing", None) is not None:
             packing, key_mask = self._checked_static_packing(batch, seqlen), None
-        elif key_mask is not None and self.unpad and not torch.compiler.is_compiling() and not _capturing(device):
+        elif key_mask is not None and self.unpad and not _tracing() and not _capturing(device):
             packing = unpad_mask(key_mask)  # None without padding: no gather, no scatter
             if packing is not None and packing.leading_pad:
                 packing = None  # left padding: position 0 is a pad that the pooler reads, computed as HF does
@@ -423,6 +424,12 @@ class BertModel(BertPreTrainedModel):
             hidden_states=None if all_hidden is None else tuple(all_hidden),
             attentions=None if all_probs is None else tuple(all_probs))
         return out if return_dict else out.to_tuple()
+
+
+def _tracing() -> bool:
+    """torch.compile, torch.export or torch.jit.trace is recording: the graph must not depend
+    on the mask's values, so the padded path runs (unpadding reads the mask on the host)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _capturing(device: torch.device) -> bool:

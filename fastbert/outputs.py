@@ -1,18 +1,28 @@
 """Model outputs: dataclasses that also index like tuples and dicts, as Hugging Face's do.
 
 ``out.last_hidden_state``, ``out["last_hidden_state"]`` and ``out[0]`` all work; integer
-and slice indexing skip the fields that are None, exactly as in ``transformers``.
+and slice indexing skip the fields that are None, exactly as in ``transformers``. Each class
+is a pytree node (its set fields), so ``torch.export`` takes models that return them.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 
 
 class ModelOutput:
+    def __init_subclass__(cls, **kwargs):
+        # A pytree node, as Hugging Face registers its outputs: torch.export and the pytree
+        # utilities see through it to its tensors.
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(cls, _flatten, functools.partial(_unflatten, cls),
+                                    serialized_type_name=f"{cls.__module__}.{cls.__name__}")
+
     def to_tuple(self) -> Tuple[Any, ...]:
         return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
 
@@ -40,6 +50,15 @@ class ModelOutput:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+
+def _flatten(out: ModelOutput) -> Tuple[List[Any], List[str]]:
+    keys = out.keys()
+    return [getattr(out, k) for k in keys], keys
+
+
+def _unflatten(cls, values, keys) -> ModelOutput:
+    return cls(**dict(zip(keys, values)))
 
 
 T = Optional[torch.Tensor]

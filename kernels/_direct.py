@@ -82,9 +82,10 @@ def register_autograd(op, backward: Callable, setup_context: Callable, body: Opt
 
 
 def _traced() -> bool:
-    """torch.compile is tracing, or a dispatch mode (fake tensors, functionalization, flop
-    counters) is active: they must see the op, and the launch as ``wrap_triton``."""
-    return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack())
+    """torch.compile or torch.jit.trace is tracing, or a dispatch mode (fake tensors,
+    functionalization, flop counters) is active: they must see the op, and the launch as
+    ``wrap_triton``."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or bool(torch._C._len_torch_dispatch_stack())
 
 
 def launch(kernel, grid, *args, **meta) -> None:

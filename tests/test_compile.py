@@ -208,3 +208,36 @@ def test_inductor_on_gpu(mode, dtype, fresh_dynamo):
             expected = model(ids, attention_mask=mask, token_type_ids=types).logits
             assert_real_close(got, expected, what=f"{mode} logits", **tol)
     assert graph_breaks() == 0
+
+
+# -- torch.export and torch.jit.trace ------------------------------------------------------
+
+def test_outputs_are_pytree_nodes():
+    out = fastbert.outputs.SequenceClassifierOutput(loss=torch.tensor(1.0), logits=torch.ones(2, 3))
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    assert len(leaves) == 2 and all(isinstance(t, torch.Tensor) for t in leaves)
+    again = torch.utils._pytree.tree_unflatten([t * 2 for t in leaves], spec)
+    assert type(again) is type(out) and torch.equal(again.logits, out.logits * 2) and again.hidden_states is None
+
+
+@backend_params()
+def test_export_and_jit_trace_run_other_masks(backend, fresh_dynamo):
+    """An exported or traced model records the padded path (no value of the mask is read on
+    the host), so it gives the eager model's outputs for masks other than the example's."""
+    with fastbert.use_backend(backend):
+        torch.manual_seed(0)
+        model = fastbert.BertForSequenceClassification(tiny_config()).to(DEVICE).eval()
+        ids, types, mask = inputs()
+        other_ids, other_types, other_mask = inputs()
+        other_mask[1, 2:] = 0
+        want = model(other_ids, attention_mask=other_mask, token_type_ids=other_types).logits
+        exported = torch.export.export(model, (ids,), {"attention_mask": mask, "token_type_ids": types}).module()
+        got = exported(other_ids, attention_mask=other_mask, token_type_ids=other_types)
+        assert type(got).__name__ == "SequenceClassifierOutput"
+        assert_real_close(got.logits, want, what="exported")
+        model.config.torchscript = True  # tuples, as HF's traceable models return
+        try:
+            traced = torch.jit.trace(model, (ids, mask, types))
+        finally:
+            model.config.torchscript = False
+        assert_real_close(traced(other_ids, other_mask, other_types)[0], want, what="traced")
