@@ -156,8 +156,16 @@ class BertPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    main_input_name = "input_ids"
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (tied ones too), as Hugging Face counts them: only those
+        that require a gradient with ``only_trainable``, without the embedding tables with
+        ``exclude_embeddings`` (what HF's Trainer counts FLOPs with)."""
+        skip = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)} \
+            if exclude_embeddings else set()
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if name not in skip and (p.requires_grad or not only_trainable))
 
     supports_gradient_checkpointing = True
 

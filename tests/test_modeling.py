@@ -387,6 +387,15 @@ def test_masks_that_are_not_prefixes(layout):
     check(f"mask {layout}: logits", ours.logits, theirs.logits)
 
 
+def test_num_parameters_counts_as_transformers():
+    hf, fb = twins("BertForMaskedLM", **config_kwargs("h32-4h-2l-relu"))
+    for kw in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert fb.num_parameters(**kw) == hf.num_parameters(**kw), kw
+    fb.bert.embeddings.requires_grad_(False)
+    hf.bert.embeddings.requires_grad_(False)
+    assert fb.num_parameters(only_trainable=True) == hf.num_parameters(only_trainable=True) < fb.num_parameters()
+
+
 def test_input_and_output_embeddings_accessors():
     hf, fb = twins("BertForMaskedLM", **config_kwargs("h32-4h-2l-relu"))
     assert fb.bert.get_input_embeddings() is fb.bert.embeddings.word_embeddings
