@@ -25,6 +25,7 @@ from torch import nn
 from . import functional as fb
 from .config import BertConfig
 from .functional import mark_cu_seqlens_checked
+from .inputs import check_forward_kwargs, check_model_inputs
 from .outputs import BaseModelOutputWithPooling
 from .ops import load_kernels
 from .padding import Packing, pad, unpad, unpad_mask
@@ -245,29 +246,6 @@ def _keep_to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(keep == 0, torch.finfo(dtype).min).expand(keep.shape).contiguous()
 
 
-# Keyword arguments Hugging Face's BertModel.forward accepts that change nothing for an encoder
-# run without a cache; HF heads pass some of them through.
-_IGNORED_KWARGS = ("use_cache", "num_items_in_batch", "output_router_logits")
-# Features fastbert does not implement (decoder, cache, head masking, caller-packed sequences):
-# refused unless None, rather than silently ignored.
-_UNSUPPORTED_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache", "head_mask",
-                       "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "is_causal")
-
-
-def _check_kwargs(kwargs) -> None:
-    for key, value in kwargs.items():
-        if value is None or key in _IGNORED_KWARGS or (key == "is_causal" and value is False):
-            continue
-        if key in _UNSUPPORTED_KWARGS:
-            raise ValueError(f"fastbert.BertModel does not support {key} (it implements BERT as an encoder, "
-                             "without a cache or head masking)")
-        raise TypeError(f"BertModel.forward() got an unexpected keyword argument {key!r}")
-
-
-def _is_int(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in (torch.int32, torch.int64)
-
-
 class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` layers, and an optional pooler.
 
@@ -308,56 +286,6 @@ class BertModel(BertPreTrainedModel):
         self.post_init()
         load_kernels()  # torch.compile cannot trace the first import of a kernel module
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids):
-        """Raise a ValueError naming the problem; return (batch, seq_len)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds"
-                             + (" (both were given)" if input_ids is not None else " (neither was given)"))
-        device = self.embeddings.word_embeddings.weight.device
-        if input_ids is not None:
-            if not _is_int(input_ids):
-                raise ValueError(f"input_ids must be an int32 or int64 tensor, got "
-                                 f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-            shape, given = tuple(input_ids.shape), input_ids
-        else:
-            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-                raise ValueError(f"inputs_embeds must be a floating-point tensor, got "
-                                 f"{getattr(inputs_embeds, 'dtype', type(inputs_embeds).__name__)}")
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"inputs_embeds must be (batch, seq_len, {self.config.hidden_size}), "
-                                 f"got {tuple(inputs_embeds.shape)}")
-            shape, given = tuple(inputs_embeds.shape[:2]), inputs_embeds
-        if given.device != device:
-            raise ValueError(f"the inputs are on {given.device} but the model is on {device}")
-        if position_ids is None and shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {shape[1]} is longer than max_position_embeddings "
-                             f"({self.config.max_position_embeddings}); truncate the input")
-        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-            if t is None:
-                continue
-            if not _is_int(t):
-                raise ValueError(f"{name} must be an int32 or int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-            if not (t.shape == (shape[1],) or (t.dim() == 2 and t.shape[1] == shape[1] and t.shape[0] in (1, shape[0]))):
-                raise ValueError(f"{name} must be (batch, seq_len) = {shape}, (1, seq_len) or (seq_len,), "
-                                 f"got {tuple(t.shape)}")
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
-        if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor):
-                raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-            if attention_mask.device != device:
-                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
-            m, (b, s) = tuple(attention_mask.shape), shape
-            fits = {2: m == (b, s), 3: m == (b, s, s),
-                    4: len(m) == 4 and m[0] in (1, b) and m[1] in (1, self.config.num_attention_heads)
-                    and m[2] in (1, s) and m[3] == s}.get(len(m), False)
-            if not fits:
-                raise ValueError(f"attention_mask of shape {m} does not fit input of shape {shape}: use (batch, seq_len), "
-                                 "(batch, seq_len, seq_len) or (batch, 1|heads, 1|seq_len, seq_len)")
-        return shape
-
     def _checked_static_packing(self, batch: int, seqlen: int) -> Packing:
         packing = self.static_packing
         if (packing.batch, packing.seqlen) != (batch, seqlen):
@@ -370,14 +298,15 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        _check_kwargs(kwargs)
+        check_forward_kwargs(kwargs)
         config = self.config
         output_attentions = bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions)
         output_hidden_states = bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
                                     else output_hidden_states)
         return_dict = config.use_return_dict if return_dict is None else return_dict
 
-        batch, seqlen = self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        batch, seqlen = check_model_inputs(config, self.embeddings.word_embeddings.weight.device, input_ids,
+                                           inputs_embeds, attention_mask, token_type_ids, position_ids)
         device = self.embeddings.word_embeddings.weight.device
         # One index dtype for the three id tensors (the kernels read them alike).
         index_dtype = input_ids.dtype if input_ids is not None else torch.long
