@@ -221,6 +221,8 @@ def test_outputs_are_pytree_nodes():
 
 
 @backend_params()
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks become constants of the trace
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 def test_export_and_jit_trace_run_other_masks(backend, fresh_dynamo):
     """An exported or traced model records the padded path (no value of the mask is read on
     the host), so it gives the eager model's outputs for masks other than the example's."""
