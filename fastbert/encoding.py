@@ -54,6 +54,16 @@ class BatchEncoding(dict):
 PAD_VALUES = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1}
 
 
+def pad_rows(data: Dict[str, list], values: Dict[str, object], side: str, target: int) -> None:
+    """Pad, in place, each row of the keys of ``values`` in ``data`` to ``target`` entries
+    with that key's value, on ``side`` ("right" or "left")."""
+    for key, value in values.items():
+        if key in data:
+            fill = [[value] * (target - len(x)) for x in data[key]]
+            data[key] = ([list(x) + f for x, f in zip(data[key], fill)] if side == "right"
+                         else [f + list(x) for x, f in zip(data[key], fill)])
+
+
 def pad_encoded(encoded_inputs, values: Dict[str, int], side: str, mode: Optional[str], max_length: Optional[int],
                 pad_to_multiple_of: Optional[int], return_attention_mask: Optional[bool],
                 return_tensors: Optional[str]) -> BatchEncoding:
@@ -83,11 +93,7 @@ def pad_encoded(encoded_inputs, values: Dict[str, int], side: str, mode: Optiona
         target = max_length if mode == "max_length" and max_length is not None else longest
         if pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        for key, value in values.items():
-            if key in data:
-                fill = [[value] * (target - len(x)) for x in data[key]]
-                data[key] = ([list(x) + f for x, f in zip(data[key], fill)] if side == "right"
-                             else [f + list(x) for x, f in zip(data[key], fill)])
+        pad_rows(data, values, side, target)
     if return_attention_mask is False:
         data.pop("attention_mask", None)
     if return_tensors == "pt":

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from .encoding import PAD_VALUES, BatchEncoding, pad_encoded
+from .encoding import PAD_VALUES, BatchEncoding, pad_encoded, pad_rows
 from .pretrained import HUB_LOADING_KWARGS
 from .vocabulary import EXTRA_SPECIAL_KEYS, SPECIAL_DEFAULTS, Vocabulary
 
@@ -255,19 +255,15 @@ class BertTokenizer(Vocabulary):
         if packed:
             return self._packed(ids, types, return_tensors, return_token_type_ids, extra)
         masks = [[1] * len(x) for x in ids]
+        rows = {"input_ids": ids, "token_type_ids": types, "attention_mask": masks, **extra}
         if pad is not None:
             target = max_length if pad == "max_length" else max(len(x) for x in ids)
             if pad_to_multiple_of:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            left = self._pad_left()
-
-            def padded(rows, fill):
-                return [[fill] * (target - len(x)) + x if left else x + [fill] * (target - len(x)) for x in rows]
-            ids, types, masks = padded(ids, self.pad_token_id), padded(types, 0), padded(masks, 0)
-            if return_offsets_mapping:
-                extra["offset_mapping"] = padded(extra["offset_mapping"], (0, 0))
-            if return_special_tokens_mask:
-                extra["special_tokens_mask"] = padded(extra["special_tokens_mask"], 1)
+            side = "left" if self._pad_left() else "right"
+            pad_rows(rows, dict(PAD_VALUES, input_ids=self.pad_token_id, offset_mapping=(0, 0)), side, target)
+        ids, types, masks = rows["input_ids"], rows["token_type_ids"], rows["attention_mask"]
+        extra = {k: rows[k] for k in extra}
         out = {"input_ids": ids}
         if return_token_type_ids:
             out["token_type_ids"] = types
