@@ -37,7 +37,7 @@ from . import reference
 from .modeling import BertModel
 from .ops import implementation
 from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
-from .padding import Packing, nonzero
+from .padding import Packing, nonzero, starts_with_padding
 
 # Outputs with one row per sequence (no length dim); every other tensor is per token.
 _PER_SEQUENCE_FIELDS = ("pooler_output", "seq_relationship_logits")
@@ -318,7 +318,7 @@ class CUDAGraphRunner:
             real_rows = rows.shape[0] // inputs.shape[1] * batch
             return [seqlen] * real_rows + [0] * (rows.shape[0] - real_rows)
         lengths, first = torch.stack([rows.sum(1), rows[:, 0]]).tolist()
-        if any(n > 0 and not f for n, f in zip(lengths, first)):
+        if starts_with_padding(lengths, first):
             return None  # left padding runs padded, as in the eager model (the pooler reads position 0)
         return lengths
 

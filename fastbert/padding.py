@@ -51,8 +51,13 @@ def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     longest = max(host, default=0)
     mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
-    return Packing(indices, cu_seqlens, longest, batch, seqlen,
-                   leading_pad=any(n > 0 and not f for n, f in zip(host, first)))
+    return Packing(indices, cu_seqlens, longest, batch, seqlen, leading_pad=starts_with_padding(host, first))
+
+
+def starts_with_padding(lengths, first) -> bool:
+    """Whether a row with real tokens (``lengths``) has a padded first position (``first``
+    is each row's first mask entry): left padding, whose position 0 the pooler reads."""
+    return any(n > 0 and not f for n, f in zip(lengths, first))
 
 
 def nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
