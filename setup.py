@@ -6,6 +6,7 @@ Environment switches:
   FASTBERT_SKIP_CUDA=1   build the C++ (CPU) extension only
   FASTBERT_FORCE_CUDA=1  build the CUDA sources even where torch sees no GPU (needs a CUDA torch and nvcc)
   FASTBERT_CUDA_ARCHS    e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST if set, else 8.0 and 9.0)
+  FASTBERT_NO_OPENMP=1   compile the CPU op without OpenMP (it then runs on one thread)
 """
 
 import glob
@@ -28,22 +29,41 @@ def _nvcc(cuda_home):
     return shutil.which("nvcc")
 
 
-def _loaded_cxx_runtime():
-    """The path of the libstdc++ that this process has loaded (torch's), or None.
-
-    The extension is linked against it by path. Some toolchains otherwise link libstdc++
-    statically (seen with GCC 13 on an Ubuntu 24.04 CUDA image): the extension then carries
-    its own copy of the C++ runtime, and an exception thrown in it (a bad id's ValueError) and
-    caught in torch crashed the process with a segfault."""
+def _loaded_library(prefix):
+    """The path of the shared library named prefix* that this process has loaded, or None."""
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.split()[-1]
-                if os.path.basename(path).startswith("libstdc++.so"):
+                if os.path.basename(path).startswith(prefix):
                     return path
     except OSError:
         pass
     return None
+
+
+def _runtime_flags(torch):
+    """Compile and link flags that make the extension share torch's C++ and OpenMP runtimes.
+
+    libstdc++ is linked by path: some toolchains otherwise link it statically (seen with GCC 13
+    on an Ubuntu 24.04 CUDA image), the extension then carries its own copy of the C++
+    runtime, and an exception thrown in it (a bad id's ValueError) and caught in torch crashed
+    the process with a segfault.
+
+    OpenMP: ``at::parallel_for`` is a header template whose threads come from an
+    ``#pragma omp parallel`` compiled into the caller, so without ``-fopenmp`` the extension's
+    CPU kernels ran on one thread whatever ``torch.get_num_threads()`` said. The extension is
+    compiled with it when torch runs on OpenMP, and linked by path to the OpenMP runtime that
+    torch loaded (torch/lib/libgomp.so.1 in the wheels), never to a second one."""
+    cxx, link = [], []
+    runtime = _loaded_library("libstdc++.so")
+    if runtime:
+        link.append(runtime)
+    omp = _loaded_library("libgomp") or _loaded_library("libiomp") or _loaded_library("libomp")
+    if torch.backends.openmp.is_available() and omp and not _flag("FASTBERT_NO_OPENMP"):
+        cxx.append("-fopenmp")
+        link.append(omp)
+    return cxx, link
 
 
 def extensions():
@@ -69,9 +89,8 @@ def extensions():
             raise RuntimeError(f"fastbert: FASTBERT_FORCE_CUDA=1 but {why}")
         print(f"fastbert: {why}; building the C++ (CPU) extension only")
         use_cuda = False
-    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 or C++20, by version)
-    runtime = _loaded_cxx_runtime()
-    link = [runtime] if runtime else []
+    omp_cxx, link = _runtime_flags(torch)
+    cxx = ["-O3", *omp_cxx]  # the C++ standard is torch's choice (C++17 or C++20, by version)
     headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
     if use_cuda:
         # sm_80 and sm_90 by default (A100, H100/H200); TORCH_CUDA_ARCH_LIST or FASTBERT_CUDA_ARCHS override.

@@ -113,6 +113,27 @@ def test_fp32_layernorm_parameters_with_fp16_tables():
         assert_lowp_close(grads[k].to(ref_grads[k].dtype), same_grads[k], ref_grads[k], ATOL[torch.float16], f"d{k}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_cpu_output_rounds_as_torch_does(dtype):
+    """The CPU op narrows its fp32 rows with AVX2/F16C code where the CPU has it: ties to even,
+    overflow to inf, subnormals and NaN as ``Tensor.to`` rounds them. With a zero LayerNorm weight
+    every output row is the fp32 bias, rounded; 517 columns run the 8-wide loop and its tail."""
+    hidden = 8 * 64 + 5
+    torch.manual_seed(0)
+    low = torch.randn(hidden).to(dtype)
+    ties = (low.float() + torch.nextafter(low, torch.full_like(low, float("inf"))).float()) / 2
+    bias = torch.randn(hidden) * 2.0 ** torch.randint(-28, 16, (hidden,)).float()
+    bias[: hidden // 2] = ties[: hidden // 2]
+    specials = [float("nan"), float("inf"), -float("inf"), 65520.0, -65520.0, 3.4e38, 1e-7, -3e-6, -0.0, 2.0 ** -140]
+    bias[-len(specials):] = torch.tensor(specials)
+    bias[-len(specials) - 1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # rounding would carry
+    ids, tables = make((2, 3), hidden, dtype=dtype, ln_dtype=torch.float32)
+    tables[3], tables[4] = torch.zeros(hidden), bias
+    with fastbert.use_backend("auto"):
+        out = fb.embedding(ids[0], ids[2], ids[1], *tables, EPS, 0.0, None)
+    torch.testing.assert_close(out, bias.to(dtype).expand_as(out), rtol=0, atol=0, equal_nan=True)
+
+
 def test_float64_tables():
     """"auto" keeps fp64 on the reference; "triton" runs the C++ kernel, which computes in fp64."""
     ids, tables = make((2, 5), 24, dtype=torch.float64)
@@ -359,6 +380,22 @@ def test_extension_shares_the_cpp_runtime_with_torch():
         return ctypes.cast(lib.__cxa_allocate_exception, ctypes.c_void_p).value
 
     assert address(ctypes.CDLL(fastbert._C.__file__)) == address(ctypes.CDLL("libstdc++.so.6"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.backends.openmp.is_available(),
+                    reason="reads the ELF strings and the process maps of a Linux build on OpenMP")
+def test_extension_runs_on_torchs_openmp_threads():
+    """``at::parallel_for`` threads come from an ``#pragma omp parallel`` compiled into the
+    extension: built without ``-fopenmp`` the CPU op ran on one thread whatever
+    ``torch.get_num_threads()`` said (4096x768 fp32 forward: 7.4 ms on one thread and 7.9 on two,
+    then 3.3 on two). The extension must call OpenMP's runtime, and that must be torch's only copy."""
+    import fastbert._C
+
+    with open(fastbert._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_missing_extension_falls_back_with_a_message():
