@@ -54,7 +54,7 @@ inline acc_t lane_sum(const acc_t* x, int64_t n, F f) {
 #ifdef FASTBERT_X86_F16C
 #define FASTBERT_AVX2 __attribute__((target("avx2,f16c")))
 
-FASTBERT_AVX2 void widen_avx2(const at::Half* src, float* dst, int64_t n) {
+FASTBERT_AVX2 void convert_avx2(const at::Half* src, float* dst, int64_t n) {
   const auto* s = reinterpret_cast<const uint16_t*>(src);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -63,7 +63,7 @@ FASTBERT_AVX2 void widen_avx2(const at::Half* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = _cvtsh_ss(s[j]);
 }
 
-FASTBERT_AVX2 void narrow_avx2(const float* src, at::Half* dst, int64_t n) {
+FASTBERT_AVX2 void convert_avx2(const float* src, at::Half* dst, int64_t n) {
   auto* d = reinterpret_cast<uint16_t*>(dst);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -72,7 +72,7 @@ FASTBERT_AVX2 void narrow_avx2(const float* src, at::Half* dst, int64_t n) {
   for (; j < n; ++j) d[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
 }
 
-FASTBERT_AVX2 void widen_avx2(const at::BFloat16* src, float* dst, int64_t n) {
+FASTBERT_AVX2 void convert_avx2(const at::BFloat16* src, float* dst, int64_t n) {
   const auto* s = reinterpret_cast<const uint16_t*>(src);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -82,7 +82,7 @@ FASTBERT_AVX2 void widen_avx2(const at::BFloat16* src, float* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
 }
 
-FASTBERT_AVX2 void narrow_avx2(const float* src, at::BFloat16* dst, int64_t n) {
+FASTBERT_AVX2 void convert_avx2(const float* src, at::BFloat16* dst, int64_t n) {
   auto* d = reinterpret_cast<uint16_t*>(dst);
   const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
   int64_t j = 0;
@@ -107,24 +107,15 @@ bool cpu_has_avx2() {
 template <typename scalar_t>
 constexpr bool is_16_bit = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 
-template <typename scalar_t, typename acc_t>
-void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+// dst = src converted, element by element (a 16-bit type to or from fp32, or a plain cast).
+template <typename src_t, typename dst_t>
+void convert(const src_t* src, dst_t* dst, int64_t n) {
 #ifdef FASTBERT_X86_F16C
-  if constexpr (is_16_bit<scalar_t>) {
-    if (cpu_has_avx2()) return widen_avx2(src, dst, n);
+  if constexpr (is_16_bit<src_t> || is_16_bit<dst_t>) {
+    if (cpu_has_avx2()) return convert_avx2(src, dst, n);
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
-}
-
-template <typename scalar_t, typename acc_t>
-void from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
-#ifdef FASTBERT_X86_F16C
-  if constexpr (is_16_bit<scalar_t>) {
-    if (cpu_has_avx2()) return narrow_avx2(src, dst, n);
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<dst_t>(src[j]);
 }
 
 // row itself when it is already in the op math type, else its conversion into buf.
@@ -133,7 +124,7 @@ const acc_t* as_acc(const scalar_t* row, acc_t* buf, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
-    to_acc(row, buf, n);
+    convert(row, buf, n);
     return buf;
   }
 }
@@ -224,7 +215,7 @@ void fwd_cpu(const EmbeddingArgs& a, const at::Tensor& beta, uint64_t seed, at::
           for (int i = 0; i < 4 && j + i < H; ++i) x[j + i] *= u4_get(bits, i) < a.keep_threshold ? scale : acc_t(0);
         }
       }
-      from_acc(x.data(), y, H);
+      convert(x.data(), y, H);
       mo[t] = mu;
       ro[t] = rs;
     }
@@ -274,7 +265,7 @@ at::Tensor table_grad_cpu(const IdView& ids, int64_t tokens, const acc_t* dx, in
         const acc_t* row = dx + order[k] * H + c0;
         for (int64_t j = 0; j < w; ++j) acc[j] += row[j];
       }
-      from_acc(acc, out, w);
+      convert(acc, out, w);
     }
   });
   return grad;
@@ -316,7 +307,7 @@ std::vector<at::Tensor> bwd_cpu(const EmbeddingArgs& a, const at::Tensor& dy, co
         const acc_t mu = mp[t], rs = rp[t];
         row_sum(r, xh.data(), buf.data(), H);
         for (int64_t j = 0; j < H; ++j) xh[j] = (xh[j] - mu) * rs;
-        to_acc(dyp + t * H, d.data(), H);
+        convert(dyp + t * H, d.data(), H);
         if (drop) {
           for (int64_t j = 0; j < H; j += 4) {
             const U4 bits = dropout_bits(seed, t, j >> 2);
