@@ -17,7 +17,7 @@ from .config import BertConfig
 from .modeling import BertModel, dense_activation
 from .outputs import (BertForPreTrainingOutput, MaskedLMOutput, MultipleChoiceModelOutput,
                       NextSentencePredictorOutput, QuestionAnsweringModelOutput,
-                      SequenceClassifierOutput, TokenClassifierOutput)
+                      SequenceClassifierOutput, TokenClassifierOutput, wants_dict)
 from .pretrained import BertPreTrainedModel, resized_rows
 
 
@@ -111,8 +111,7 @@ def _bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs
 
 
 def _finish(out, return_dict, config):
-    return_dict = config.use_return_dict if return_dict is None else return_dict
-    return out if return_dict else out.to_tuple()
+    return out if wants_dict(config, return_dict) else out.to_tuple()
 
 
 def _ce(logits, labels):

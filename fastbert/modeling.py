@@ -26,7 +26,7 @@ from . import functional as fb
 from .config import BertConfig
 from .functional import mark_cu_seqlens_checked
 from .inputs import check_forward_kwargs, check_model_inputs
-from .outputs import BaseModelOutputWithPooling
+from .outputs import BaseModelOutputWithPooling, wants_dict
 from .ops import load_kernels
 from .padding import Packing, pad, unpad, unpad_mask
 from .pretrained import BertPreTrainedModel
@@ -303,7 +303,7 @@ class BertModel(BertPreTrainedModel):
         output_attentions = bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions)
         output_hidden_states = bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
                                     else output_hidden_states)
-        return_dict = config.use_return_dict if return_dict is None else return_dict
+        return_dict = wants_dict(config, return_dict)
 
         batch, seqlen = check_model_inputs(config, self.embeddings.word_embeddings.weight.device, input_ids,
                                            inputs_embeds, attention_mask, token_type_ids, position_ids)

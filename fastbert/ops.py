@@ -4,12 +4,14 @@ Every op has an eager reference (``fastbert.reference``) and a kernel (``fastber
 Triton, or the C++/CUDA extension for the embedding); an op may also have a faster CPU
 composition of PyTorch ops (``fastbert.cpu``) that the "auto" backend runs on CPU tensors.
 :func:`implementation` returns the one to run for a device under the current backend
-(``fastbert.backend``). Nothing else in fastbert imports a kernel module.
+(``fastbert.backend``); while ``torch.onnx.export`` runs, the reference. Nothing else in
+fastbert imports a kernel module.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -76,6 +78,8 @@ def load_kernels() -> None:
 
 def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
     """The function that runs op ``name`` on ``device`` (for ``dtype``) under the current backend."""
+    if exporting_onnx():
+        return OPS[name].reference
     key = (name, get_backend(), device.type, dtype == torch.float64)
     if torch.compiler.is_compiling():
         # Traced, the choice is made afresh: a graph that fills the cache would guard on the
@@ -85,6 +89,15 @@ def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype]
     if fn is None:
         fn = _chosen[key] = _choose(OPS[name], key[1], device, key[3])
     return fn
+
+
+def exporting_onnx() -> bool:
+    """``torch.onnx.export`` is running. ONNX has no fastbert ops, so under every backend each
+    op then takes its eager reference: PyTorch ops that export to standard ONNX ones, which
+    ONNX Runtime fuses with its own kernels. (torch.onnx is imported by then; until it is,
+    nothing can be exporting and the check costs a dict lookup.)"""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> Callable:

@@ -61,6 +61,16 @@ def _unflatten(cls, values, keys) -> ModelOutput:
     return cls(**dict(zip(keys, values)))
 
 
+def wants_dict(config, return_dict: Optional[bool]) -> bool:
+    """Hugging Face's rule: ``return_dict`` if given, else the config's (``use_return_dict``).
+    One difference: while ``torch.jit`` traces (``torch.jit.trace``, and ``torch.onnx.export``
+    with ``dynamo=False``), outputs left to the config are tuples. The tracer takes tuples and
+    dicts; Hugging Face's outputs are dicts, these dataclasses are not."""
+    if return_dict is None:
+        return config.use_return_dict and not torch.jit.is_tracing()
+    return bool(return_dict)
+
+
 T = Optional[torch.Tensor]
 Ts = Optional[Tuple[torch.Tensor, ...]]
 

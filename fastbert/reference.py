@@ -30,7 +30,7 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
     x = (_acc(F.embedding(input_ids, word_weight, padding_idx=padding_idx))
          + _acc(F.embedding(position_ids, position_weight))
          + _acc(F.embedding(token_type_ids, token_type_weight)))
-    y = F.layer_norm(x, x.shape[-1:], _acc(ln_weight), _acc(ln_bias), eps)
+    y = F.layer_norm(x, ln_weight.shape, _acc(ln_weight), _acc(ln_bias), eps)
     return F.dropout(y, dropout_p, training=dropout_p > 0).to(word_weight.dtype)
 
 
@@ -38,7 +38,7 @@ def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
     """LN(dropout(x + x_bias) + residual) over the last dim."""
     h = _acc(x) if x_bias is None else _acc(x) + _acc(x_bias)
     h = F.dropout(h, dropout_p, training=dropout_p > 0) + _acc(residual)
-    return F.layer_norm(h, h.shape[-1:], _acc(weight), _acc(bias), eps).to(x.dtype)
+    return F.layer_norm(h, weight.shape, _acc(weight), _acc(bias), eps).to(x.dtype)
 
 
 def bias_gelu(x, bias, approximate="none"):
