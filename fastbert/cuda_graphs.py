@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .modeling import BertModel
+from .modeling import BertModel, table_rows
 from .ops import implementation
 from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
 from .padding import Packing, nonzero, starts_with_padding
@@ -247,8 +247,8 @@ class CUDAGraphRunner:
         self.pad_token_id = 0 if pad is None else int(pad)
         emb = bert.embeddings
         # Upper bounds (exclusive) of the four stacked inputs; the mask is already 0/1.
-        self._limits = (emb.word_embeddings.num_embeddings, 2, emb.token_type_embeddings.num_embeddings,
-                        emb.position_embeddings.num_embeddings)
+        self._limits = (table_rows(emb.word_embeddings), 2, table_rows(emb.token_type_embeddings),
+                        table_rows(emb.position_embeddings))
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple[int, Tuple[int, ...], int, int], _Graph] = {}
         self._warned = False

@@ -44,18 +44,39 @@ def gelu_form(hidden_act) -> Optional[str]:
     return None
 
 
-def dense_activation(hidden_act, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor:
+def plain(module: nn.Module, cls=nn.Linear) -> bool:
+    """``module`` runs ``cls.forward`` and nothing else, so its parameters may be read directly
+    and fused with its neighbours' work (Q, K and V in one GEMM, a bias into the next kernel).
+    Anything else is called as the module it is: an adapter wrapping it (peft's LoRA), a
+    quantized or 8-bit replacement, a subclass with its own forward, or a hook on it (reading
+    the weights would skip them all, silently)."""
+    return (type(module).forward is cls.forward and not module._forward_hooks and not module._forward_pre_hooks
+            and not module._backward_hooks and not module._backward_pre_hooks)
+
+
+def dense_activation(hidden_act, x: torch.Tensor, dense: nn.Module) -> torch.Tensor:
     """act(dense(x)): for a GELU, ``linear_gelu`` (the bias and the GELU fused after the GEMM,
     or into it); otherwise the GEMM and then the activation."""
     form = gelu_form(hidden_act)
+    if not plain(dense):
+        h = dense(x)
+        return F.gelu(h, approximate=form) if form is not None else _activation(hidden_act, h)
     if form is not None:
         return fb.linear_gelu(x, dense.weight, dense.bias, form)
-    h = F.linear(x, dense.weight, dense.bias)
+    return _activation(hidden_act, F.linear(x, dense.weight, dense.bias))
+
+
+def _activation(hidden_act, h: torch.Tensor) -> torch.Tensor:
     if hidden_act == "relu":
         return F.relu(h)
     if callable(hidden_act):
         return hidden_act(h)
     raise ValueError(f"unsupported hidden_act {hidden_act!r}")
+
+
+def table_rows(table: nn.Module) -> int:
+    """An embedding's row count, through an adapter wrapping it (its ``weight`` is the table's)."""
+    return table.weight.shape[0]
 
 
 class BertEmbeddings(nn.Module):
@@ -76,13 +97,17 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
         """Ids of any one shape (padded (B, S) or packed (T,)); returns that shape + (hidden,)."""
         p = self.dropout.p if self.training else 0.0
+        tables = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings)
+        if inputs_embeds is None and not all(plain(t, nn.Embedding) for t in tables):
+            fb.check_index_range("embedding", "input_ids", input_ids, table_rows(self.word_embeddings))
+            inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None:
             return fb.embedding(
                 input_ids, token_type_ids, position_ids, self.word_embeddings.weight,
                 self.position_embeddings.weight, self.token_type_embeddings.weight,
                 self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, p, self.word_embeddings.padding_idx)
-        fb.check_index_range("embedding", "position_ids", position_ids, self.position_embeddings.num_embeddings)
-        fb.check_index_range("embedding", "token_type_ids", token_type_ids, self.token_type_embeddings.num_embeddings)
+        fb.check_index_range("embedding", "position_ids", position_ids, table_rows(self.position_embeddings))
+        fb.check_index_range("embedding", "token_type_ids", token_type_ids, table_rows(self.token_type_embeddings))
         extra = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         h = fb.add_layernorm(inputs_embeds, extra.to(inputs_embeds.dtype), self.LayerNorm.weight,
                              self.LayerNorm.bias, self.LayerNorm.eps)
@@ -123,9 +148,14 @@ class BertSelfAttention(nn.Module):
         ``additive_mask`` (broadcastable to (B, heads, S, S)) selects the unfused path,
         which is also taken to return the attention probabilities.
         """
-        weight, bias = self.qkv_weight()
         lead = hidden_states.shape[:-1]
-        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
+        heads = (*lead, self.num_attention_heads, self.attention_head_size)
+        projections = (self.query, self.key, self.value)
+        if all(plain(m) for m in projections):
+            weight, bias = self.qkv_weight()
+            qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, *heads[-2:])
+        else:
+            qkv = torch.stack([m(hidden_states).view(heads) for m in projections], dim=-3)
         p = self.dropout.p if self.training else 0.0
         if output_attentions or additive_mask is not None:
             q, k, v = qkv.unbind(-3)
@@ -152,8 +182,11 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states, input_tensor):
         p = self.dropout.p if self.training else 0.0
-        return fb.add_layernorm(F.linear(hidden_states, self.dense.weight), input_tensor, self.LayerNorm.weight,
-                                self.LayerNorm.bias, self.LayerNorm.eps, x_bias=self.dense.bias, dropout_p=p)
+        norm = self.LayerNorm
+        if not plain(self.dense):
+            return fb.add_layernorm(self.dense(hidden_states), input_tensor, norm.weight, norm.bias, norm.eps, dropout_p=p)
+        return fb.add_layernorm(F.linear(hidden_states, self.dense.weight), input_tensor, norm.weight, norm.bias,
+                                norm.eps, x_bias=self.dense.bias, dropout_p=p)
 
 
 class BertAttention(nn.Module):

@@ -202,6 +202,23 @@ class BertPreTrainedModel(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
+    def enable_input_require_grads(self) -> None:
+        """Make the word embeddings' output require grad (Hugging Face's method), so that
+        reentrant checkpointing of a frozen model with adapters still back-propagates. It is a
+        hook on the word-embedding module, so the embedding then runs as modules (see
+        ``fastbert.modeling.plain``)."""
+        def require_grad(module, args, output):
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grad)
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._require_grads_hook = None
+
     # -- vocabulary -----------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:
