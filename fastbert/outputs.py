@@ -1,7 +1,8 @@
 """Model outputs: dataclasses that also index like tuples and dicts, as Hugging Face's do.
 
 ``out.last_hidden_state``, ``out["last_hidden_state"]`` and ``out[0]`` all work; integer
-and slice indexing skip the fields that are None, exactly as in ``transformers``. Each class
+and slice indexing skip the fields that are None, exactly as in ``transformers``, and
+``out[key] = value`` sets a field or adds a key after them, as on HF's outputs. Each class
 is a pytree node (its set fields), so ``torch.export`` takes models that return them.
 """
 
@@ -24,10 +25,22 @@ class ModelOutput:
                                     serialized_type_name=f"{cls.__module__}.{cls.__name__}")
 
     def to_tuple(self) -> Tuple[Any, ...]:
-        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+        return tuple(getattr(self, k) for k in self.keys())
 
     def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        named = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return named + [k for k in self.__dict__.get("_extra_keys", ()) if getattr(self, k) is not None]
+
+    def __setitem__(self, key: str, value) -> None:
+        """``out[key] = value`` sets a field or, as on Hugging Face's outputs (dicts), adds a key
+        after the fields (pipelines add ``input_ids`` to a model's output this way)."""
+        if not isinstance(key, str):
+            raise TypeError(f"{type(self).__name__} keys are strings, got {key!r}")
+        if key not in {f.name for f in fields(self)}:
+            extra = self.__dict__.setdefault("_extra_keys", [])
+            if key not in extra:
+                extra.append(key)
+        setattr(self, key, value)
 
     def values(self):
         return [getattr(self, k) for k in self.keys()]
@@ -58,7 +71,12 @@ def _flatten(out: ModelOutput) -> Tuple[List[Any], List[str]]:
 
 
 def _unflatten(cls, values, keys) -> ModelOutput:
-    return cls(**dict(zip(keys, values)))
+    named = {f.name for f in fields(cls)}
+    out = cls(**{k: v for k, v in zip(keys, values) if k in named})
+    for k, v in zip(keys, values):
+        if k not in named:
+            out[k] = v
+    return out
 
 
 def wants_dict(config, return_dict: Optional[bool]) -> bool:

@@ -69,3 +69,31 @@ def test_sentence_transformers_before_and_after_optimize(path):
     cosine = torch.nn.functional.cosine_similarity(after, before, dim=-1)
     assert cosine.min() >= 0.99999, cosine
     check("minilm:sentence_embedding", after, before)
+
+
+@pytest.mark.parametrize("task,cls", [
+    ("fill-mask", "BertForMaskedLM"),  # adds input_ids to the model's output: out["input_ids"] = ...
+    ("text-classification", "BertForSequenceClassification"),
+    ("token-classification", "BertForTokenClassification"),
+    ("feature-extraction", "BertModel"),
+])
+@pytest.mark.filterwarnings("ignore:.*(newly initialised|checkpoint weights not used)")  # heads the checkpoint lacks
+def test_transformers_pipelines_take_fastbert_models(path, task, cls):
+    """transformers.pipeline(task, model=<a fastbert model>) answers as with HF's model (the
+    heads that the checkpoint lacks are initialised by fastbert and copied to HF's twin)."""
+    transformers.logging.set_verbosity_error()  # the heads missing from the checkpoint are expected
+    fb = getattr(fastbert, cls).from_pretrained(path)
+    hf = getattr(transformers, cls).from_pretrained(path).eval()
+    hf.load_state_dict(fb.state_dict())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = "Paris is the [MASK] of France." if task == "fill-mask" else SENTENCES[1]
+    ours = transformers.pipeline(task, model=fb, tokenizer=tok)(text)
+    theirs = transformers.pipeline(task, model=hf, tokenizer=tok)(text)
+    if task == "feature-extraction":
+        check(f"pipeline:{task}", torch.tensor(ours), torch.tensor(theirs))
+        return
+    assert len(ours) == len(theirs) > 0
+    label = {"fill-mask": "token_str", "text-classification": "label", "token-classification": "entity"}[task]
+    for a, b in zip(ours, theirs):
+        assert a[label] == b[label]
+        check(f"pipeline:{task}", torch.tensor(float(a["score"])), torch.tensor(float(b["score"])))

@@ -59,6 +59,14 @@ def test_outputs_index_like_transformers():
     assert isinstance(base, tuple) and len(base) == 2  # last_hidden_state, pooler_output
     seq, pooled = fb.bert(ids, attention_mask=mask)[:2]
     check("bert[:2]", pooled, hf.bert(ids, attention_mask=mask)[1])
+    for out in (f, h):  # keys set by item: a field, then a new key after the fields
+        out["seq_relationship_logits"] = out["seq_relationship_logits"] * 2
+        out["input_ids"] = ids
+    assert list(f.keys()) == list(h.keys()) and f[-1] is ids and f.input_ids is ids
+    check("setitem", f.seq_relationship_logits, h.seq_relationship_logits)
+    leaves, spec = torch.utils._pytree.tree_flatten(f)
+    again = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert again.keys() == f.keys() and again["input_ids"] is ids
 
 
 def test_config_switches_outputs():
