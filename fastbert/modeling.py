@@ -98,7 +98,8 @@ class BertEmbeddings(nn.Module):
         """Ids of any one shape (padded (B, S) or packed (T,)); returns that shape + (hidden,)."""
         p = self.dropout.p if self.training else 0.0
         tables = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings)
-        if inputs_embeds is None and not all(plain(t, nn.Embedding) for t in tables):
+        fused_norm = plain(self.LayerNorm, nn.LayerNorm)
+        if inputs_embeds is None and not (fused_norm and all(plain(t, nn.Embedding) for t in tables)):
             fb.check_index_range("embedding", "input_ids", input_ids, table_rows(self.word_embeddings))
             inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None:
@@ -109,6 +110,8 @@ class BertEmbeddings(nn.Module):
         fb.check_index_range("embedding", "position_ids", position_ids, table_rows(self.position_embeddings))
         fb.check_index_range("embedding", "token_type_ids", token_type_ids, table_rows(self.token_type_embeddings))
         extra = self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        if not fused_norm:
+            return self.dropout(self.LayerNorm(inputs_embeds + extra.to(inputs_embeds.dtype)))
         h = fb.add_layernorm(inputs_embeds, extra.to(inputs_embeds.dtype), self.LayerNorm.weight,
                              self.LayerNorm.bias, self.LayerNorm.eps)
         return F.dropout(h, p, self.training)
@@ -183,6 +186,8 @@ class BertSelfOutput(nn.Module):
     def forward(self, hidden_states, input_tensor):
         p = self.dropout.p if self.training else 0.0
         norm = self.LayerNorm
+        if not plain(norm, nn.LayerNorm):
+            return norm(self.dropout(self.dense(hidden_states)) + input_tensor)
         if not plain(self.dense):
             return fb.add_layernorm(self.dense(hidden_states), input_tensor, norm.weight, norm.bias, norm.eps, dropout_p=p)
         return fb.add_layernorm(F.linear(hidden_states, self.dense.weight), input_tensor, norm.weight, norm.bias,

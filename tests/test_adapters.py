@@ -66,7 +66,7 @@ def test_merged_adapters_run_the_fused_path_again():
 
 
 def test_hooks_on_fused_modules_run():
-    """A forward hook that changes the value projection's output, on both models."""
+    """Forward hooks that change the outputs of fused modules (a projection, a LayerNorm), on both models."""
     hf, fb = twins("BertModel", **SMALL)
     ids, tt, mask = inputs(PADDINGS["mixed"])
     real = mask.bool()
@@ -79,11 +79,12 @@ def test_hooks_on_fused_modules_run():
     with torch.no_grad():
         before = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
         for model in (hf, fb):
-            model.encoder.layer[1].attention.self.value.register_forward_hook(hook)
-            model.encoder.layer[0].output.dense.register_forward_hook(hook)
+            for module in (model.encoder.layer[1].attention.self.value, model.encoder.layer[0].output.dense,
+                           model.embeddings.LayerNorm, model.encoder.layer[1].attention.output.LayerNorm):
+                module.register_forward_hook(hook)
         ours = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
         theirs = hf(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
-    assert len(seen) == 4 and (ours - before)[real].abs().max() > 1e-3
+    assert len(seen) == 8 and (ours - before)[real].abs().max() > 1e-3
     check("hooked", ours[real], theirs[real])
 
 
