@@ -155,13 +155,13 @@ rm -f "$SNIPPET"
 
 # 6. Where a BERT-base forward (B=32 S=128) spends its time, kernel by kernel, with the
 #    kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
-#    (the gaps are the host's); B=1 S=128 (issue 8's latency target) captured only, since its
-#    eager forward is all host. GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
+#    (the gaps are the host's); B=1 S=128 and the ragged batch (issue 8's farthest targets)
+#    captured only, since their eager forwards are all host. GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
 #    feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
 for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
     for graph in --graph ""; do
-        step "kernel profile ($backend${graph:+, graph})" 50 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
-            $graph --backend "$backend" --workloads base-b32-s128${graph:+,base-b1-s128}
+        step "kernel profile ($backend${graph:+, graph})" 70 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
+            $graph --backend "$backend" --workloads base-b32-s128${graph:+,base-b1-s128,base-b32-s512-varlen}
     done
 done
 # The bf16 training step (BERT-base B=32 S=128) kernel by kernel, eager; with
@@ -170,7 +170,7 @@ for graph in ${GPU_CHECK_PROFILE_TRAIN:+--graph} ""; do
     step "kernel profile (train${graph:+, compiled})" $([ -n "$graph" ] && echo 120 || echo 40) "$OUT/bench.log" \
         $PY -m fastbert.benchmarks.kernel_profile $graph --workloads train-base-b32-s128
 done
-sed -n '/^# \(train \)\?BERT-base B=\(32\|1\) S=128\( (bf16 autocast)\)\?, \(CUDA graph\|eager\|compiled\)/,/^GPU idle/p' "$OUT/bench.log" \
+sed -n '/^# \(train \)\?BERT-base B=\(32\|1\) S=\(128\|512 lengths 32..512\)\( (bf16 autocast)\)\?, \(CUDA graph\|eager\|compiled\)/,/^GPU idle/p' "$OUT/bench.log" \
     | tee -a "$SUMMARY"
 
 
