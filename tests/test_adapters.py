@@ -127,3 +127,13 @@ def test_lora_training_with_activation_checkpointing(reentrant):
         check(f"checkpointed lora grad[{name}]", g, grads[0][name])
     fb.disable_input_require_grads()
     assert not fb.get_input_embeddings()._forward_hooks
+
+
+def test_bad_ids_raise_through_adapted_embeddings():
+    _, fb = twins("BertModel", **SMALL)
+    model = _lora(fb.eval(), 0)
+    ids, tt, mask = inputs(PADDINGS["mixed"])
+    for name, bad in (("input_ids", ids.masked_fill(mask.bool(), SMALL["vocab_size"])), ("token_type_ids", tt + 2)):
+        kwargs = {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask, name: bad}
+        with pytest.raises(ValueError, match=f"{name} contains .*outside the valid range"):
+            model(**kwargs)
