@@ -22,7 +22,8 @@ from torch import nn
 from .config import _ACTIVATIONS, BertConfig
 from .modeling import BertModel
 
-# fastbert leaves whose HF counterpart (same qualified name) is taken over as it is.
+# fastbert leaves whose HF counterpart (same qualified name) is taken over as it is, whatever
+# module it is now (an adapter wrapping the original is called as a module).
 _SHARED_TYPES = (nn.Embedding, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Tanh)
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
@@ -37,10 +38,14 @@ def optimize(model: nn.Module) -> nn.Module:
     in, so a :class:`fastbert.BertModel` sharing its parameters is returned instead and
     **the return value must be used** (``model = fastbert.optimize(model)``).
 
+    A submodule that was replaced (a peft LoRA adapter, a quantized linear, a hooked
+    module) is shared as it is, and fastbert calls it as a module rather than fusing it
+    (``fastbert.modeling.plain``), so its forward keeps its effect.
+
     Raises ValueError when no BERT is found or a BERT's config is one fastbert does not
     implement (relative position embeddings, a decoder or cross-attention, another
-    activation), and TypeError when a submodule was replaced by another type (a PEFT
-    adapter, a quantised linear), whose forward fastbert would bypass.
+    activation), and TypeError when a submodule is missing or a dropout was replaced by
+    something that is not an ``nn.Dropout`` (fastbert reads its ``p``).
     """
     hf_bert = _hf_bert_class()
     if isinstance(model, BertModel):
@@ -68,9 +73,9 @@ def from_transformers(hf_model: nn.Module) -> BertModel:
         if not isinstance(module, _SHARED_TYPES):
             continue
         theirs = _get(hf_model, name)
-        if type(theirs) is not type(module):
-            raise TypeError(f"fastbert.optimize: {name} is a {type(theirs).__name__}, expected a plain "
-                            f"{type(module).__name__} (fastbert would bypass its forward)")
+        if isinstance(module, nn.Dropout) and not isinstance(theirs, nn.Dropout):
+            raise TypeError(f"fastbert.optimize: {name} is a {type(theirs).__name__}, expected an nn.Dropout "
+                            "(fastbert reads its probability p)")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, theirs)
     for name in ("position_ids", "token_type_ids"):

@@ -137,3 +137,26 @@ def test_bad_ids_raise_through_adapted_embeddings():
         kwargs = {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask, name: bad}
         with pytest.raises(ValueError, match=f"{name} contains .*outside the valid range"):
             model(**kwargs)
+
+
+def test_optimize_keeps_the_adapters_of_a_peft_model():
+    """fastbert.optimize on Hugging Face's model with LoRA: the fastbert encoder shares the
+    adapter modules and calls them; outputs and adapter gradients stay HF's."""
+    import fastbert
+
+    hf, _ = twins("BertForSequenceClassification", num_labels=3, **SMALL)
+    model = _lora(hf.eval(), 0)
+    ids, tt, mask = inputs(PADDINGS["mixed"])
+    labels = torch.tensor([0, 2, 1, 1])
+    before = model(input_ids=ids, token_type_ids=tt, attention_mask=mask, labels=labels)
+    before.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.zero_grad()
+    assert fastbert.optimize(model) is model
+    assert isinstance(model.get_base_model().bert, fastbert.BertModel)
+    after = model(input_ids=ids, token_type_ids=tt, attention_mask=mask, labels=labels)
+    check("optimize+lora logits", after.logits, before.logits)
+    after.loss.backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            check(f"optimize+lora grad[{name}]", p.grad, grads[name])

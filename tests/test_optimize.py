@@ -128,14 +128,27 @@ def test_relative_positions_are_refused():
         fastbert.optimize(model)
 
 
-def test_replaced_submodules_and_models_without_bert_are_refused():
-    model = _hf("BertForSequenceClassification")
+def test_replaced_submodules_are_called_and_models_without_bert_refused():
+    model = _hf("BertForSequenceClassification").eval()
     layer = model.bert.encoder.layer[0].attention.self
 
-    class Adapter(torch.nn.Linear):  # a PEFT-style wrapper whose forward fastbert would skip
-        pass
-    layer.query = Adapter(96, 96)
-    with pytest.raises(TypeError, match="encoder.layer.0.attention.self.query is a Adapter"):
+    class Adapter(torch.nn.Linear):  # a wrapper with a forward of its own, which fastbert must call
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    adapter = Adapter(96, 96)
+    adapter.load_state_dict(layer.query.state_dict())
+    layer.query = adapter
+    ids, tt, mask = inputs(PADDINGS["mixed"])
+    with torch.no_grad():
+        theirs = model(ids, attention_mask=mask).logits
         fastbert.optimize(model)
+        ours = model(ids, attention_mask=mask).logits
+    assert isinstance(model.bert, fastbert.BertModel) and model.bert.encoder.layer[0].attention.self.query is adapter
+    check("optimize:adapter", ours, theirs)
+    other = _hf("BertModel")
+    other.encoder.layer[1].output.dropout = torch.nn.Identity()
+    with pytest.raises(TypeError, match="encoder.layer.1.output.dropout is a Identity, expected an nn.Dropout"):
+        fastbert.optimize(other)
     with pytest.raises(ValueError, match="no transformers BertModel inside Linear"):
         fastbert.optimize(torch.nn.Linear(2, 2))
