@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .modeling import BertModel, table_rows
+from .modeling import BertModel, BertSelfAttention, table_rows
 from .ops import implementation
 from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
 from .padding import Packing, nonzero, starts_with_padding
@@ -166,6 +166,26 @@ def capture_layout(model: nn.Module, packing: Optional[Packing] = None) -> Itera
             m.unpad, m.static_packing = unpad, static
 
 
+@contextlib.contextmanager
+def reused_qkv(model: nn.Module) -> Iterator[None]:
+    """Every attention in ``model`` keeps its fused QKV weight between calls (see
+    ``BertSelfAttention.qkv_weight``): warm-up fills it and the capture records reads of it."""
+    attentions = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    for m in attentions:
+        m.reuse_qkv = True
+    try:
+        yield
+    finally:
+        for m in attentions:
+            m.reuse_qkv = False
+
+
+def drop_qkv_caches(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            m._qkv_cache = None
+
+
 def _sizes(name: str, values) -> Tuple[int, ...]:
     try:
         sizes = tuple(values)
@@ -250,6 +270,7 @@ class CUDAGraphRunner:
         self._limits = (table_rows(emb.word_embeddings), 2, table_rows(emb.token_type_embeddings),
                         table_rows(emb.position_embeddings))
         self._pool = torch.cuda.graph_pool_handle()
+        drop_qkv_caches(model)  # filled afresh by this runner's first capture
         self._graphs: Dict[Tuple[int, Tuple[int, ...], int, int], _Graph] = {}
         self._warned = False
 
@@ -261,9 +282,11 @@ class CUDAGraphRunner:
         return sorted(self._graphs)
 
     def reset(self) -> None:
-        """Drop every graph (and its memory); the next calls capture afresh."""
+        """Drop every graph (and its memory) and the fused QKV weights they read; the next calls
+        capture afresh, with the weights as they are then."""
         self._graphs.clear()
         self._pool = torch.cuda.graph_pool_handle()
+        drop_qkv_caches(self.model)
 
     def capture_all(self, inner_shape: Sequence[int] = ()) -> None:
         """Capture the padded graph of every bucket now, largest first so that smaller graphs
@@ -381,7 +404,8 @@ class CUDAGraphRunner:
             packing = static_packing(rows, bucket_len, tokens, self.device)
             warm = torch.arange(rows * bucket_len, device=self.device) < tokens
             fill_packing(packing, warm, [min(bucket_len, max(0, tokens - r * bucket_len)) for r in range(rows)])
-        with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing):
+        with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing), \
+                reused_qkv(self.model):
             # Warm-up on a side stream (as PyTorch asks) compiles and tunes every kernel and
             # fills the model's caches, so the capture itself only records launches.
             side = torch.cuda.Stream(self.device)

@@ -48,9 +48,11 @@ def plain(module: nn.Module, cls=nn.Linear) -> bool:
     """``module`` runs ``cls.forward`` and nothing else, so its parameters may be read directly
     and fused with its neighbours' work (Q, K and V in one GEMM, a bias into the next kernel).
     Anything else is called as the module it is: an adapter wrapping it (peft's LoRA), a
-    quantized or 8-bit replacement, a subclass with its own forward, or a hook on it (reading
-    the weights would skip them all, silently)."""
-    return (type(module).forward is cls.forward and not module._forward_hooks and not module._forward_pre_hooks
+    quantized or 8-bit replacement, a subclass with its own forward, a forward set on the
+    instance (accelerate's offloading hooks), or a hook on it (reading the weights would skip
+    them all, silently)."""
+    return (type(module).forward is cls.forward and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks
             and not module._backward_hooks and not module._backward_pre_hooks)
 
 
@@ -130,13 +132,19 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self._qkv_cache = None
+        self.reuse_qkv = False  # set by fastbert.cuda_graphs while it warms up and captures
 
     def qkv_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The fused (3H, H) weight and (3H,) bias. Cached while the parameters are unchanged
-        and no gradient is needed (inference); concatenated afresh when training or tracing
-        (a trace must read the parameters, not a cached copy)."""
+        """The fused (3H, H) weight and (3H,) bias, concatenated on every call, so that any
+        change to the three projections takes effect, even one autograd's version counters do
+        not see (``p.data`` written in place, as peft's merge and some EMA code do; a cache
+        keyed on the versions served stale weights after it). While ``fastbert.cuda_graphs``
+        captures (``reuse_qkv``) the concatenation is kept, so that a graph reads it at every
+        replay instead of copying the weights; ``CUDAGraphRunner.reset()`` drops it, as it must
+        be called after the weights change."""
         params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
-        if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if (not self.reuse_qkv or _tracing()
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
             return torch.cat(params[:3]), torch.cat(params[3:])
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
@@ -343,9 +351,12 @@ class BertModel(BertPreTrainedModel):
                                     else output_hidden_states)
         return_dict = wants_dict(config, return_dict)
 
-        batch, seqlen = check_model_inputs(config, self.embeddings.word_embeddings.weight.device, input_ids,
-                                           inputs_embeds, attention_mask, token_type_ids, position_ids)
-        device = self.embeddings.word_embeddings.weight.device
+        table = self.embeddings.word_embeddings.weight
+        device = table.device
+        if table.is_meta:  # offloaded (accelerate's cpu_offload): hooks bring each weight in, where the inputs are
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+        batch, seqlen = check_model_inputs(config, device, input_ids, inputs_embeds, attention_mask, token_type_ids,
+                                           position_ids)
         # One index dtype for the three id tensors (the kernels read them alike).
         index_dtype = input_ids.dtype if input_ids is not None else torch.long
         if position_ids is None:
@@ -355,7 +366,7 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros((batch, seqlen), dtype=index_dtype, device=device)
         token_type_ids = token_type_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
 
-        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.embeddings.word_embeddings.weight.dtype
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else table.dtype
         key_mask = additive = packing = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if output_attentions:

@@ -54,9 +54,13 @@ def test_lora_matches_hugging_face_with_lora(padding):
 
 
 def test_merged_adapters_run_the_fused_path_again():
+    """peft's merge adds each adapter into its base weight through ``.data``, which autograd's
+    version counters do not see: the fused path must read the merged weights."""
     _, fb = twins("BertModel", **SMALL)
-    model = _lora(fb.eval(), 0)
     ids, tt, mask = inputs(PADDINGS["mixed"])
+    with torch.no_grad():
+        fb.eval()(input_ids=ids, token_type_ids=tt, attention_mask=mask)  # the base model served before
+    model = _lora(fb, 0)
     with torch.no_grad():
         adapted = model(input_ids=ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
         merged = model.merge_and_unload()

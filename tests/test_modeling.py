@@ -347,6 +347,26 @@ def test_inference_mode_matches_no_grad():
     with torch.no_grad():
         ref = fb(ids, attention_mask=mask).last_hidden_state
     with torch.inference_mode():
-        for _ in range(2):  # the second call meets the cached fused QKV weight
+        for _ in range(2):
             out = fb(ids, attention_mask=mask).last_hidden_state
             assert torch.equal(out, ref)
+
+
+def test_weights_written_through_data_take_effect():
+    """Writes that autograd's version counters do not see (``p.data`` changed in place, as
+    peft's merge and EMA code do) reach the next forward: no eager call reuses anything
+    computed from the weights (a fused QKV weight cached on the versions went stale here)."""
+    hf, fb = _model_pair()
+    ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
+    real = mask.bool()
+    with torch.no_grad():
+        before = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
+        for model in (hf, fb):
+            attention = model.encoder.layer[1].attention.self
+            for linear in (attention.query, attention.key, attention.value):
+                linear.weight.data.mul_(1.5)
+                linear.bias.data.add_(0.1)
+        after = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
+        theirs = hf(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
+    assert (after - before)[real].abs().max() > 1e-3
+    check("written through .data", after[real], theirs[real])
