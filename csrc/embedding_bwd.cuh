@@ -117,7 +117,10 @@ __global__ void __launch_bounds__(kWarps * 32) embedding_bwd_any_kernel(Tables<T
   const uint64_t seed = d.seed ? static_cast<uint64_t>(*d.seed) : 0;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   float* part = io.part + gw * 2 * H;
-  for (int j = lane; j < 2 * H; j += 32) part[j] = 0.f;
+  // Each lane zeroes the columns it adds into below (j and H + j): zeroing the row with a stride
+  // of 32 over 2 * H would hand column H + j to another lane whenever H % 32 != 0, a race
+  // without a __syncwarp (found by the emulator, tests/cuda_emu/).
+  for (int j = lane; j < H; j += 32) part[j] = part[H + j] = 0.f;
   for (int64_t t = gw; t < tb.tokens; t += static_cast<int64_t>(gridDim.x) * kWarps) {
     float* dx = io.dx + t * H;
     const T *w, *p, *y;
