@@ -3,7 +3,9 @@
 // This header needs no torch headers: the CPU implementation (embedding_cpu.cpp) uses its
 // host/device helpers (id views, the Philox dropout stream), and with nvcc it also defines
 // the __global__ kernels and their launchers, which embedding_cuda.cu calls with raw
-// pointers. tests/nvcc_check.sh compiles it on machines without a GPU or a CUDA torch.
+// pointers. tests/nvcc_check.sh compiles it on machines without a GPU or a CUDA torch, and
+// tests/cuda_emulator.py runs its kernels on the CPU (it rewrites each launch for the
+// emulator in tests/cuda_emu/: keep a launch on one line, its kernel's name ending in _kernel).
 //
 // Napkin math (BERT-base, 4096 tokens x 768, fp16): the forward must read 4096 word rows
 // (6.3 MB; position and token-type rows are few and stay in L2) and write 6.3 MB, so about
