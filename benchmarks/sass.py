@@ -1,8 +1,9 @@
-"""What the Triton kernels compile to on Hopper, without a GPU: each forward kernel at its BERT
-launch config is compiled for sm_90 (Triton's own ptxas) and disassembled (Triton's
-cuobjdump), and the machine code is summarised: instructions per thread and per element,
-the width of every global load and store, and the matrix and special-function
-instructions. Arguments carry the specialisations a launch at these shapes gets (16-byte
+"""What the Triton kernels compile to on Hopper, without a GPU: each forward kernel, and the
+attention's backward, at its BERT launch config is compiled for sm_90 (Triton's own ptxas)
+and disassembled (Triton's cuobjdump), and the machine code is summarised: instructions per
+thread and per element, registers per thread and the stack frame (bytes of registers spilled
+to local memory, STL/LDL), the width of every global load and store, and the matrix and
+special-function instructions. Arguments carry the specialisations a launch at these shapes gets (16-byte
 aligned pointers, sizes and strides divisible by 16, unit strides as constants), so loads
 vectorise as they will on the GPU.
 
@@ -26,6 +27,8 @@ import sys
 import tempfile
 from typing import Dict, List, Sequence, Tuple
 
+import torch
+
 ISSUE_PER_US = 132 * 128 * 1.98e3  # lane-instructions per µs on an H100/H200
 
 
@@ -35,8 +38,9 @@ def _bin(tool: str) -> str:
 
 
 def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], divisible: Sequence[str],
-                 num_warps: int, num_stages: int = 3) -> List[str]:
-    """The SASS instruction lines of ``fn`` compiled for sm_90."""
+                 num_warps: int, num_stages: int = 3) -> Tuple[List[str], Dict[str, int]]:
+    """The SASS instruction lines of ``fn`` compiled for sm_90, and its resources: registers
+    per thread and the stack frame in bytes (nonzero when registers spill to local memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -51,7 +55,13 @@ def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], d
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         out = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage, re.S)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-300:]!r}")
+    lines = [line for line in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    return lines, {"registers": int(found.group(1)), "stack": int(found.group(2))}
 
 
 def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
@@ -65,7 +75,7 @@ def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
     special = collections.Counter()
     for k, v in ops.items():
         base = k.split(".")[0]
-        if "MMA" in base or base in ("MUFU", "LDGSTS", "LDSM"):
+        if "MMA" in base or base in ("MUFU", "LDGSTS", "LDSM", "STL", "LDL"):
             special[base] += v
     return len(lines), memory, dict(special)
 
@@ -111,6 +121,21 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
              "TANH": False, "EVEN_K": True, "IEEE": False, "GELU": True}
     out.append(("linear_gelu fwd 4096x768->3072 (128x128x64)", lg._linear_gelu_fwd, sig, const,
                 ["X", "W", "B", "Y", "N", "K", "stride_xm", "stride_wn"], cfg.num_warps, 0, 0))
+    ab = importlib.import_module("fastbert.kernels.attention_bwd")
+    bwd = ab.gpu_bwd_config(torch.float16, 64, 64)
+    ptrs = dict(Q=f16, K=f16, V=f16, DO=f16, O=f16, DQ=f16, DK=f16, DV=f16, LSE=f32, Delta=f32, DQAcc=f32,
+                KeyMask="*i64", CuSeqlens="*i32", Seed="*i64")
+    sig = dict({n: "i32" for n in ab._attn_bwd.arg_names}, **ptrs, sm_scale="fp32", dropout_p="fp32")
+    const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M1": bwd.block_m1,
+             "BLOCK_N1": bwd.block_n1, "BLOCK_M2": bwd.block_m2, "BLOCK_N2": bwd.block_n2, "PACKED": False,
+             "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "ONE_GRAD": True, "FUSED_DELTA": bwd.fused_delta,
+             "ATOMIC_DQ": bwd.atomic_dq, "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_gd": 1, "stride_od": 1,
+             "stride_mn": 1}
+    unspecialised = {"stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"}
+    divisible = list(ptrs) + [n for n in ab._attn_bwd.arg_names
+                              if n.startswith("stride_") and n not in const and n not in unspecialised]
+    blocks = f"{bwd.block_m1}/{bwd.block_n1}/{bwd.block_m2}/{bwd.block_n2}"
+    out.append((f"attention bwd D=64 ({blocks})", ab._attn_bwd, sig, const, divisible, bwd.num_warps, 0, 0))
     return out
 
 
@@ -118,8 +143,9 @@ def main(argv: Sequence[str] = ()) -> int:
     try:
         rows = []
         for name, fn, sig, const, div, warps, per_program, total in specs():
-            count, memory, special = summarise(compile_sass(fn, sig, const, div, warps))
-            line = f"{name:36s} {count:5d} instr/thread"
+            lines, resources = compile_sass(fn, sig, const, div, warps)
+            count, memory, special = summarise(lines)
+            line = f"{name:36s} {count:5d} instr/thread, {resources['registers']} registers, stack {resources['stack']} B"
             if per_program:  # an elementwise or row kernel: instructions per element and their issue time
                 per_thread = per_program / (warps * 32)
                 line += (f", {count / per_thread:5.1f} per element, issue >= "

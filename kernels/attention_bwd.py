@@ -284,6 +284,18 @@ class BwdConfig:
     atomic_dq: bool = False
 
 
+def gpu_bwd_config(dtype: torch.dtype, block_d: int, block_dv: int) -> BwdConfig:
+    """The GPU's block sizes before the pipeline stages are fitted to the device's shared
+    memory (``bwd_config``); ``python -m fastbert.benchmarks.sass`` compiles this one."""
+    if dtype == torch.float32:
+        return BwdConfig(32, 64, 64, 32, 4, 2) if max(block_d, block_dv) <= 64 else BwdConfig(16, 32, 32, 16, 4, 1)
+    if max(block_d, block_dv) <= 64:
+        return BwdConfig(32, 64, 64, 32, 4, 3)
+    if max(block_d, block_dv) <= 128:
+        return BwdConfig(32, 128, 128, 32, 8, 2)
+    return BwdConfig(16, 64, 64, 16, 4, 1)
+
+
 @functools.lru_cache(maxsize=None)
 def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv: int) -> BwdConfig:
     """Block sizes for the backward. Small blocks for the interpreter (CPU tests stay fast);
@@ -293,14 +305,7 @@ def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
     against 86.5 µs for 128-row blocks)."""
     if device.type != "cuda":
         return BwdConfig(32, 32, 32, 32, 1, 1)
-    if dtype == torch.float32:
-        cfg = BwdConfig(32, 64, 64, 32, 4, 2) if max(block_d, block_dv) <= 64 else BwdConfig(16, 32, 32, 16, 4, 1)
-    elif max(block_d, block_dv) <= 64:
-        cfg = BwdConfig(32, 64, 64, 32, 4, 3)
-    elif max(block_d, block_dv) <= 128:
-        cfg = BwdConfig(32, 128, 128, 32, 8, 2)
-    else:
-        cfg = BwdConfig(16, 64, 64, 16, 4, 1)
+    cfg = gpu_bwd_config(dtype, block_d, block_dv)
     es = torch.finfo(dtype).bits // 8
     width = (block_d + block_dv) * es
     fixed = max(cfg.block_n1, cfg.block_m2) * width + cfg.block_n1 * cfg.block_m1 * es

@@ -249,8 +249,9 @@ def test_tune_script_runs_only_the_cases_asked_for(tmp_path):
 
 def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     """Compiled for sm_90 without a GPU: the row kernels load and store 16 bytes per access at
-    their BERT configs, and the attention's and the fused GEMM's products are warpgroup MMAs
-    (HGMMA)."""
+    their BERT configs, the attention's (both directions) and the fused GEMM's products are
+    warpgroup MMAs (HGMMA), and no kernel spills registers to local memory at its shipped
+    config (some of the attention backward's sweep candidates do)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fastbert.benchmarks.sass"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -262,6 +263,11 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
         assert "LDG.E.128" in rows[name] and "STG.E.128" in rows[name], rows[name]
     assert "HGMMA" in rows["attention fwd D=64 (BM=64 BN=64)"], rows
     assert "HGMMA" in rows["linear_gelu fwd 4096x768->3072 (128x128x64)"], rows
+    (bwd,) = [row for name, row in rows.items() if name.startswith("attention bwd D=64")]
+    assert "HGMMA" in bwd, bwd
+    assert len(rows) == 6
+    for name, row in rows.items():
+        assert "stack 0 B" in row and "'STL'" not in row and "'LDL'" not in row, row
 
 
 def test_host_cost_script_prints_every_op(capsys):
