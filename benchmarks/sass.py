@@ -38,9 +38,10 @@ def _bin(tool: str) -> str:
 
 
 def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], divisible: Sequence[str],
-                 num_warps: int, num_stages: int = 3) -> Tuple[List[str], Dict[str, int]]:
-    """The SASS instruction lines of ``fn`` compiled for sm_90, and its resources: registers
-    per thread and the stack frame in bytes (nonzero when registers spill to local memory)."""
+                 num_warps: int, num_stages: int = 3, capability: int = 90) -> Tuple[List[str], Dict[str, int]]:
+    """The SASS instruction lines of ``fn`` compiled for sm_<capability> (90: Hopper), and its
+    resources: registers per thread, the stack frame in bytes (nonzero when registers spill to
+    local memory) and the shared memory a program needs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -48,7 +49,7 @@ def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], d
     names = fn.arg_names
     sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -61,7 +62,7 @@ def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], d
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-300:]!r}")
     lines = [line for line in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-    return lines, {"registers": int(found.group(1)), "stack": int(found.group(2))}
+    return lines, {"registers": int(found.group(1)), "stack": int(found.group(2)), "shared": int(kernel.metadata.shared)}
 
 
 def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:

@@ -270,6 +270,43 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
         assert "stack 0 B" in row and "'STL'" not in row and "'LDL'" not in row, row
 
 
+def test_configs_compile_and_fit_on_other_gpus():
+    """benchmarks/arch_check.py: every launch the ops make, with the config they pick on an
+    A10 (sm_86, 99 KB of shared memory per block) and an A100 (sm_80, 163 KB), compiles for that
+    architecture and needs no more shared memory than the GPU has."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastbert.benchmarks.arch_check", "--gpus", "a10,a100", "--quick"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 2 and "cannot compile here" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("\n0 failed"), proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:-1]]
+    assert {r[0] for r in rows} == {"a10", "a100"}
+    kernels = {r[1] for r in rows}
+    assert {"_attn_fwd", "_attn_bwd", "_attn_bwd_delta", "_add_layernorm_fwd", "_add_layernorm_bwd", "_sum_partials",
+            "_bias_gelu_fwd", "_bias_gelu_bwd", "_softmax_mask_fwd", "_softmax_mask_bwd", "_linear_gelu_fwd"} <= kernels
+    assert all(r[-1] == "ok" for r in rows)
+
+
+def test_launch_spec_reads_types_and_specialisations():
+    """arch_check's view of a launch: pointer types from the tensors, None and constexpr
+    parameters as constexprs, multiples of 16 specialised unless do_not_specialize."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction  # not triton.jit: the tests run under TRITON_INTERPRET
+
+    from fastbert.benchmarks import arch_check
+
+    def body(x, y, n, m, scale, maybe, BLOCK: tl.constexpr):
+        pass
+
+    kernel = JITFunction(body, do_not_specialize=["m"])
+    spec = arch_check._launch_spec(kernel, (torch.empty(4, dtype=torch.float16), torch.empty(4, dtype=torch.int64), 32, 48,
+                                            0.5, None), {"BLOCK": 64, "num_warps": 8})
+    assert spec.signature == {"x": "*fp16", "y": "*i64", "n": "i32", "m": "i32", "scale": "fp32"}
+    assert spec.constexprs == {"maybe": None, "BLOCK": 64}
+    assert spec.divisible == ("x", "y", "n") and (spec.num_warps, spec.num_stages) == (8, 3)
+
+
 def test_host_cost_script_prints_every_op(capsys):
     """benchmarks/host.py: one row per op and implementation, positive times, and the
     profile of each fastbert backward when asked."""
