@@ -305,6 +305,8 @@ def test_launch_spec_reads_types_and_specialisations():
     assert spec.signature == {"x": "*fp16", "y": "*i64", "n": "i32", "m": "i32", "scale": "fp32"}
     assert spec.constexprs == {"maybe": None, "BLOCK": 64}
     assert spec.divisible == ("x", "y", "n") and (spec.num_warps, spec.num_stages) == (8, 3)
+    fits = arch_check.Result("a10", "kernel", "fp16", "", 101376, 101376, 64, 0, "")
+    assert fits.ok and not fits._replace(shared=101377).ok and not fits._replace(error="CompilationError: x").ok
 
 
 def test_host_cost_script_prints_every_op(capsys):
