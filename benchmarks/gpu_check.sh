@@ -97,7 +97,8 @@ MINUTES=$($PY -c "print(max(0.5, ($BENCH_CAP - 40) / 60))")
 step "bench --quick" "$BENCH_CAP" "$OUT/bench.log" $PY -m fastbert bench --quick --out "$OUT" --max-minutes "$MINUTES"
 
 # 4. The launch-config sweep: by default the cases with a decision pending (the attention
-#    backward with its delta fused or not, add_layernorm's and bias_gelu's backward); every
+#    backward, 32- or 64-row blocks, at S=512 and at S=128 with padding) and the backwards
+#    shipped from the last sweep (add_layernorm's and bias_gelu's), to confirm them; every
 #    case with GPU_CHECK_TUNE=1. Its log goes to bench.log and its table to the summary;
 #    tune-<date>.json is the eighth file back. The other configs come from the H100 sweep
 #    (benchmarks/PERF.md).

@@ -83,8 +83,8 @@ def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
 
 def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[str], int, int, int]]:
     """(name, kernel, signature, constexprs, divisible args, warps, elements per program,
-    elements in the BERT-base tensor; 0 for the attention) for each forward kernel at its
-    shipped Hopper config."""
+    elements in the BERT-base tensor; 0 where there is no such figure) for each forward kernel
+    and the row kernels' and the attention's backwards, at their shipped Hopper configs."""
     ln = importlib.import_module("fastbert.kernels.layernorm")
     gelu = importlib.import_module("fastbert.kernels.gelu")
     sm = importlib.import_module("fastbert.kernels.softmax")
@@ -98,6 +98,18 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
                 ["X", "XB", "R", "W", "B", "Y", "MEAN", "RSTD", "N"], 2, 2 * 768, 4096 * 768))
     out.append(("bias_gelu fwd 4096x3072", gelu._bias_gelu_fwd, {"X": f16, "B": f16, "Y": f16, "M": "i32", "N": "i32"},
                 {"BLOCK_M": 2, "BLOCK_N": 1024, "TANH": False}, ["X", "B", "Y", "N"], 4, 2 * 1024, 4096 * 3072))
+    # The backwards walk runs of rows (no per-element figure); their tiles from the modules' constants.
+    sig = {"DY": f16, "X": f16, "XB": f16, "R": f16, "W": f16, "MEAN": f32, "RSTD": f32, "SEED": "*i64", "DH": f16,
+           "DX": f16, "PART": f32, "M": "i32", "N": "i32", "rows_per_prog": "i32", "p": "fp32", "drop_scale": "fp32"}
+    block_m = ln.BWD_TILE // 1024  # with dropout, as in training (the most registers)
+    out.append((f"add_layernorm bwd 4096x768 ({block_m}x1024, dropout)", ln._add_layernorm_bwd, sig,
+                {"BLOCK_M": block_m, "BLOCK_N": 1024, "HAS_XBIAS": True, "DROPOUT": True, "STORE_DX": True},
+                ["DY", "X", "XB", "R", "W", "DH", "DX", "PART", "N"], min(ln.BWD_TILE // ln.BWD_PER_WARP, 16), 0, 0))
+    block_m = gelu.BWD_ELEMS // 1024
+    out.append((f"bias_gelu bwd 4096x3072 ({block_m}x1024)", gelu._bias_gelu_bwd,
+                {"DY": f16, "X": f16, "B": f16, "DX": f16, "PART": f32, "M": "i32", "N": "i32", "rows_per_prog": "i32"},
+                {"BLOCK_M": block_m, "BLOCK_N": 1024, "TANH": False}, ["DY", "X", "B", "DX", "PART", "N"],
+                min(gelu.BWD_ELEMS // 512, 16), 0, 0))
     sig = {"S": f16, "MASK": f16, "Y": f16, "LSE": f32, "SEED": "*i64", "M": "i32", "N": "i32", "D1": "i32", "D2": "i32",
            "ms0": "i32", "ms1": "i32", "ms2": "i32", "scale": "fp32", "mask_min": "fp32", "p": "fp32", "drop_scale": "fp32"}
     out.append(("softmax_mask fwd 32x12x128x128", sm._softmax_mask_fwd, sig,
@@ -124,14 +136,13 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
                 ["X", "W", "B", "Y", "N", "K", "stride_xm", "stride_wn"], cfg.num_warps, 0, 0))
     ab = importlib.import_module("fastbert.kernels.attention_bwd")
     bwd = ab.gpu_bwd_config(torch.float16, 64, 64)
-    ptrs = dict(Q=f16, K=f16, V=f16, DO=f16, O=f16, DQ=f16, DK=f16, DV=f16, LSE=f32, Delta=f32, DQAcc=f32,
+    ptrs = dict(Q=f16, K=f16, V=f16, DO=f16, DQ=f16, DK=f16, DV=f16, LSE=f32, Delta=f32,
                 KeyMask="*i64", CuSeqlens="*i32", Seed="*i64")
     sig = dict({n: "i32" for n in ab._attn_bwd.arg_names}, **ptrs, sm_scale="fp32", dropout_p="fp32")
     const = {"HEAD_DIM": 64, "HEAD_DIM_V": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "BLOCK_M1": bwd.block_m1,
              "BLOCK_N1": bwd.block_n1, "BLOCK_M2": bwd.block_m2, "BLOCK_N2": bwd.block_n2, "PACKED": False,
-             "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "ONE_GRAD": True, "FUSED_DELTA": bwd.fused_delta,
-             "ATOMIC_DQ": bwd.atomic_dq, "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_gd": 1, "stride_od": 1,
-             "stride_mn": 1}
+             "HAS_MASK": True, "DROPOUT": False, "IEEE": False, "ONE_GRAD": True,
+             "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_gd": 1, "stride_mn": 1}
     unspecialised = {"stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"}
     divisible = list(ptrs) + [n for n in ab._attn_bwd.arg_names
                               if n.startswith("stride_") and n not in const and n not in unspecialised]

@@ -1,14 +1,13 @@
 """Fused attention, part two: the helpers both directions share, and the backward kernels.
 
-The backward is FlashAttention-2's: a pre-pass computes ``delta = rowsum(dO * O)`` (or, with
-``BwdConfig.fused_delta``, the main kernel computes it from O beside each dO tile), then
+The backward is FlashAttention-2's: a pre-pass computes ``delta = rowsum(dO * O)``, then
 one program per block of keys recomputes the probabilities from the saved log-sum-exp and
 accumulates dK and dV over every query block of its sequence, and the same program then
 takes the matching block of queries and accumulates dQ over the key blocks. No atomics, so
-the gradients are deterministic. ``BwdConfig.atomic_dq`` (a sweep candidate, off by default,
-never under ``torch.use_deterministic_algorithms``) instead has the key-block programs add
-dS·K into an fp32 dQ with atomic adds, as FlashAttention-2 does: five block products per
-(query block, key block) pair instead of seven, for atomic traffic and a final cast.
+the gradients are deterministic. (Two alternatives were built and timed on an H100, fp16
+B=8 S=512 D=64, and removed: delta computed in the main kernel from O, 92 µs, and dQ added up
+by the key-block programs with fp32 atomic adds, FlashAttention-2's way, 96–106 µs; the
+pre-pass and the dQ pass took 80 µs; benchmarks/PERF.md.)
 Dropout masks are regenerated from the same Philox seed and offsets as the forward (see
 :func:`_dropout_keep`).
 
@@ -58,20 +57,8 @@ def _dropout_keep(seed, bh, offsets, dropout_p):
 
 
 @triton.jit
-def _row_delta(delta_ptr, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od, FUSED: tl.constexpr):
-    """rowsum(dO * O) of the query rows ``offs_m``: read from the pre-pass's output, or (FUSED)
-    computed here from O and the dO tile the caller holds, which saves the pre-pass's launch
-    and its read of O and dO at the cost of reading O once per key block."""
-    if FUSED:
-        o = tl.load(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                    mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    return tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
-
-
-@triton.jit
-def _query_rows(q_base, g_base, o_base, lse_ptr, delta_ptr, offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok,
-                stride_qm, stride_qd, stride_gm, stride_gd, stride_om, stride_od, FUSED_DELTA: tl.constexpr):
+def _query_rows(q_base, g_base, lse_ptr, delta_ptr, offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok,
+                stride_qm, stride_qd, stride_gm, stride_gd):
     """q and dO of the query rows ``offs_m``, their log-sum-exp in the log2 domain, and delta.
     Rows past the sequence load lse = +inf, so their probabilities are exactly 0."""
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -79,7 +66,7 @@ def _query_rows(q_base, g_base, o_base, lse_ptr, delta_ptr, offs_m, m_ok, offs_d
     do = tl.load(g_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                  mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = _row_delta(delta_ptr, o_base, do, offs_m, m_ok, offs_dv, dv_ok, stride_om, stride_od, FUSED_DELTA)
+    delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
     return q, do, lse, delta
 
 
@@ -107,12 +94,9 @@ def _attn_bwd_delta(
 @triton.jit(do_not_specialize=["stride_lh", "stride_lb", "seqlen_q", "seqlen_k", "drop_stride"])
 def _attn_bwd(
     Q, K, V, DO,                  # inputs and the output gradient
-    O,                            # the forward's output (read only if FUSED_DELTA)
     DQ, DK, DV,                   # gradients out, shaped like Q, K, V; with ONE_GRAD, DQ is the
                                   # (…, 3, H, D) gradient of all three and DK, DV are not used
     LSE, Delta,                   # fp32 (H, rows): natural-log log-sum-exp (+inf: no real key), rowsum(dO * O)
-                                  # (Delta read only without FUSED_DELTA)
-    DQAcc,                        # ATOMIC_DQ: fp32 zeros shaped like Q, dQ accumulated into by atomic adds
     KeyMask,                      # (B, S_k) key-padding mask, nonzero = real key (read only if HAS_MASK)
     CuSeqlens,                    # (B+1,) int32 sequence starts (read only if PACKED)
     Seed,                         # (1,) int64 dropout seed (read only if DROPOUT)
@@ -120,18 +104,16 @@ def _attn_bwd(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_gb, stride_gm, stride_gh, stride_gd,
-    stride_ob, stride_om, stride_oh, stride_od,
     stride_dqb, stride_dqm, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_g3,                    # ONE_GRAD: elements from the dq part of DQ to its dk part (dv: twice)
-    stride_ab, stride_am, stride_ah,
     stride_mb, stride_mn, stride_lh, stride_lb,
     num_heads, seqlen_q, seqlen_k, drop_stride, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    ONE_GRAD: tl.constexpr, FUSED_DELTA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ONE_GRAD: tl.constexpr,
 ):
     # torch.compile passes Python floats as fp64 scalars; the math stays in fp32.
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
@@ -145,8 +127,6 @@ def _attn_bwd(
     k_base = K + b64 * stride_kb + start64 * stride_kn + h * stride_kh
     v_base = V + b64 * stride_vb + start64 * stride_vn + h * stride_vh
     g_base = DO + b64 * stride_gb + start64 * stride_gm + h * stride_gh
-    o_base = O + b64 * stride_ob + start64 * stride_om + h * stride_oh
-    a_base = DQAcc + b64 * stride_ab + start64 * stride_am + h * stride_ah
     row_base = h * stride_lh + b64 * stride_lb + start64
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
@@ -174,9 +154,8 @@ def _attn_bwd(
         for start_m in range(0, len_q, BLOCK_M1):
             offs_m = start_m + tl.arange(0, BLOCK_M1)
             m_ok = offs_m < len_q
-            q, do, lse, delta = _query_rows(q_base, g_base, o_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
-                                            offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd,
-                                            stride_om, stride_od, FUSED_DELTA)
+            q, do, lse, delta = _query_rows(q_base, g_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
+                                            offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd)
             pT = tl.exp2(tl.dot(k, tl.trans(q), None, input_precision=PREC) * qk_scale - lse[None, :])
             if HAS_MASK:
                 pT = tl.where(key_real[:, None], pT, 0.0)
@@ -189,10 +168,6 @@ def _attn_bwd(
                 dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
-            if ATOMIC_DQ:  # this key block's share of dQ = dS K, added to the accumulator
-                dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, None, input_precision=PREC) * sm_scale
-                tl.atomic_add(a_base + offs_m[:, None] * stride_am + offs_d[None, :], dq_part,
-                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
         dk = dk * sm_scale
         # With ONE_GRAD every store goes through DQ, so DQ is the one tensor the launch writes.
         dk_out, dv_out = DK, DV
@@ -205,39 +180,36 @@ def _attn_bwd(
                  + offs_dv[None, :],
                  dv.to(dv_out.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
-    # Phase 2: dQ for the queries [pid * BLOCK_M2, +BLOCK_M2), unless phase 1 added it up
-    # (ATOMIC_DQ): two more products per block pair here, atomic adds there.
-    if not ATOMIC_DQ:
-        offs_m = pid * BLOCK_M2 + tl.arange(0, BLOCK_M2)
-        if pid * BLOCK_M2 < len_q:
-            m_ok = offs_m < len_q
-            q, do, lse, delta = _query_rows(q_base, g_base, o_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
-                                            offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd,
-                                            stride_om, stride_od, FUSED_DELTA)
-            dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
-            for start_n in range(0, len_k, BLOCK_N2):
-                offs_n2 = start_n + tl.arange(0, BLOCK_N2)
-                n_ok2 = offs_n2 < len_k
-                k = tl.load(k_base + offs_n2[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=n_ok2[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(v_base + offs_n2[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=n_ok2[:, None] & dv_ok[None, :], other=0.0)
-                key_ok = n_ok2
-                if HAS_MASK:
-                    key_real2 = tl.load(KeyMask + b64 * stride_mb + offs_n2 * stride_mn, mask=n_ok2, other=0) != 0
-                    key_ok = key_ok & key_real2
-                p = tl.exp2(tl.dot(q, tl.trans(k), None, input_precision=PREC) * qk_scale - lse[:, None])
-                p = tl.where(key_ok[None, :], p, 0.0)
-                dp = tl.dot(do, tl.trans(v), None, input_precision=PREC)
-                if DROPOUT:
-                    keep = _dropout_keep(seed, bh, offs_m[:, None] * drop_stride + offs_n2[None, :], dropout_p)
-                    dp = tl.where(keep, dp * inv_keep, 0.0)
-                ds = p * (dp - delta[:, None])
-                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-            dq = dq * sm_scale
-            tl.store(DQ + b64 * stride_dqb + (start64 + offs_m[:, None]) * stride_dqm + h * stride_dqh
-                     + offs_d[None, :],
-                     dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    # Phase 2: dQ for the queries [pid * BLOCK_M2, +BLOCK_M2).
+    offs_m = pid * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+    if pid * BLOCK_M2 < len_q:
+        m_ok = offs_m < len_q
+        q, do, lse, delta = _query_rows(q_base, g_base, LSE + row_base, Delta + row_base, offs_m, m_ok,
+                                        offs_d, d_ok, offs_dv, dv_ok, stride_qm, stride_qd, stride_gm, stride_gd)
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N2):
+            offs_n2 = start_n + tl.arange(0, BLOCK_N2)
+            n_ok2 = offs_n2 < len_k
+            k = tl.load(k_base + offs_n2[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok2[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n2[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=n_ok2[:, None] & dv_ok[None, :], other=0.0)
+            key_ok = n_ok2
+            if HAS_MASK:
+                key_real2 = tl.load(KeyMask + b64 * stride_mb + offs_n2 * stride_mn, mask=n_ok2, other=0) != 0
+                key_ok = key_ok & key_real2
+            p = tl.exp2(tl.dot(q, tl.trans(k), None, input_precision=PREC) * qk_scale - lse[:, None])
+            p = tl.where(key_ok[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), None, input_precision=PREC)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[:, None] * drop_stride + offs_n2[None, :], dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        dq = dq * sm_scale
+        tl.store(DQ + b64 * stride_dqb + (start64 + offs_m[:, None]) * stride_dqm + h * stride_dqh
+                 + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -277,11 +249,6 @@ class BwdConfig:
     block_n2: int  # keys per step while accumulating dQ
     num_warps: int
     num_stages: int
-    fused_delta: bool = False  # rowsum(dO * O) inside the main kernel, no pre-pass (see _row_delta)
-    # dQ added up by the key-block programs with fp32 atomic adds (FlashAttention-2's way: 5
-    # block products per block pair instead of 7), then cast; never where torch's
-    # deterministic algorithms are on, since the order of the adds varies from run to run.
-    atomic_dq: bool = False
 
 
 def gpu_bwd_config(dtype: torch.dtype, block_d: int, block_dv: int) -> BwdConfig:
@@ -310,8 +277,7 @@ def bwd_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dv:
     width = (block_d + block_dv) * es
     fixed = max(cfg.block_n1, cfg.block_m2) * width + cfg.block_n1 * cfg.block_m1 * es
     stages = fit_stages(cfg.num_stages, fixed, max(cfg.block_m1, cfg.block_n2) * width, max_shared_mem(device))
-    return BwdConfig(cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, stages, cfg.fused_delta,
-                     cfg.atomic_dq)
+    return BwdConfig(cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, stages)
 
 
 def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqlen: int, scale: float,
@@ -340,38 +306,30 @@ def launch_backward(do, q, k, v, out, lse, key_mask, cu_seqlens, seed, max_seqle
     written = (grads[0], q, q) if one_grad else grads
     block_d, block_dv = max(16, next_pow2(dim)), max(16, next_pow2(dim_v))
 
+    # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout.
+    delta = torch.empty_like(lse)
+    rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
+    block = 64 if block_dv <= 128 else 32
+    if rows > 0:
+        launch(_attn_bwd_delta, (cdiv(rows, block), heads, delta_batch),
+            out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
+            rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
+
     cfg = bwd_config(q.device, q.dtype, block_d, block_dv)
-    # delta = rowsum(dO * O) per (row, head), in the log-sum-exp's (H, rows) layout; unless the
-    # main kernel computes it (fused_delta), and then lse stands in for the unread pointer.
-    delta = lse
-    if not cfg.fused_delta:
-        delta = torch.empty_like(lse)
-        rows, delta_batch = (q.shape[0], 1) if packed else (seqlen_q, batch)
-        block = 64 if block_dv <= 128 else 32
-        if rows > 0:
-            launch(_attn_bwd_delta, (cdiv(rows, block), heads, delta_batch),
-                out, do, delta, *strides4(out, packed), *strides4(do, packed), lse.stride(0), 0 if packed else seqlen_q,
-                rows, HEAD_DIM_V=dim_v, BLOCK_M=block, BLOCK_DV=block_dv, num_warps=4)
 
     has_mask = key_mask is not None
     mask = key_mask.view(torch.uint8) if has_mask and key_mask.dtype == torch.bool else key_mask
-    atomic = cfg.atomic_dq and not torch.are_deterministic_algorithms_enabled()
-    dq_acc = torch.zeros((*q.shape[:-1], dim), dtype=torch.float32, device=q.device) if atomic else None
-    programs = cdiv(seqlen_k, cfg.block_n1)
-    if not atomic:  # the same programs take the query blocks of phase 2
-        programs = max(programs, cdiv(seqlen_q, cfg.block_m2))
+    # Program i takes key block i (phase 1) and query block i (phase 2).
+    programs = max(cdiv(seqlen_k, cfg.block_n1), cdiv(seqlen_q, cfg.block_m2))
     launch(_attn_bwd, (programs, batch * heads),
-        q, k, v, do, out, *written, lse, delta, dq_acc if atomic else q,
+        q, k, v, do, *written, lse, delta,
         mask if has_mask else q, cu_seqlens if packed else q, seed if seed is not None else q,
         *strides4(q, packed), *strides4(k, packed), *strides4(v, packed), *strides4(do, packed),
-        *strides4(out, packed), *strides4(dq, packed)[:3], *strides4(dk, packed)[:3], *strides4(dv, packed)[:3],
-        grads[0].stride(-3) if one_grad else 0, *(strides4(dq_acc, packed)[:3] if atomic else (0, 0, 0)),
+        *strides4(dq, packed)[:3], *strides4(dk, packed)[:3], *strides4(dv, packed)[:3],
+        grads[0].stride(-3) if one_grad else 0,
         *(mask.stride() if has_mask else (0, 0)), lse.stride(0), 0 if packed else seqlen_q,
         heads, seqlen_q, seqlen_k, seqlen_k, scale, dropout_p,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         PACKED=packed, HAS_MASK=has_mask, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-        ONE_GRAD=one_grad, FUSED_DELTA=cfg.fused_delta, ATOMIC_DQ=atomic, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    if atomic:
-        dq.copy_(dq_acc)
+        ONE_GRAD=one_grad, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -215,10 +215,13 @@ def row_config(n: int, device: torch.device, tile: int = 4096, per_warp: int = 5
     return _row_config(int(n), device, tile, per_warp)
 
 
-# Backward launches: 4096-element tiles, 512 elements per warp, and two programs per SM, each
-# walking a run of rows and leaving one partial sum of d weight / d bias. On an H100 this ran
-# 4096x768 in 21.2 µs (eager PyTorch 32.2 µs); benchmarks/tune.py sweeps it ("add_layernorm bwd").
-BWD_TILE, BWD_PER_WARP, BWD_PER_SM = 4096, 512, 2
+# Backward launches: 2048-element tiles, 512 elements (16 per thread) per warp, and four
+# programs per SM, each walking a run of rows and leaving one partial sum of d weight / d bias.
+# The sweep (benchmarks/tune.py, "add_layernorm bwd") on an H100 at 4096x768: 10.7 µs, against
+# 18.0 µs for 4096-element tiles of 8 warps, two per SM (eager PyTorch 32.3 µs in the same
+# run's benchmark). Its fastest, 4096-element tiles of 4 warps (10.4 µs), holds 32 elements
+# per thread and spills with dropout (255 registers, a 24-byte stack); this one takes 168.
+BWD_TILE, BWD_PER_WARP, BWD_PER_SM = 2048, 512, 4
 
 
 def bwd_config(n: int, device: torch.device) -> Tuple[int, int, int, int]:

@@ -371,7 +371,7 @@ def test_model_matches_eager(monkeypatch, unpad):
 def _arg_types(fn, ptr="*fp16"):
     """{arg: Triton type} for a kernel: tensors in ``ptr`` (fp32 for LSE/Delta, int for masks,
     lengths and seeds), float scalars fp32 (the harness adds fp64), integers i32."""
-    special = {"LSE": "*fp32", "Delta": "*fp32", "DQAcc": "*fp32", "KeyMask": "*u8", "Keep": "*i8", "CuSeqlens": "*i32", "Seed": "*i64"}
+    special = {"LSE": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "Keep": "*i8", "CuSeqlens": "*i32", "Seed": "*i64"}
     types = {}
     for name in inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters:
         if name in ("sm_scale", "dropout_p"):
@@ -405,12 +405,10 @@ def test_compiles_for_hopper(tmp_path):
              (mod, "_dropout_mask_kernel", _arg_types(kernel._dropout_mask_kernel), dict(BLOCK_M=64, BLOCK_N=64), 4),
              (bwd_mod, "_attn_bwd_delta", _arg_types(attention_bwd._attn_bwd_delta),
               dict(HEAD_DIM_V=64, BLOCK_M=64, BLOCK_DV=64), 4)]
-    for m1, n1, m2, n2, ptr, one_grad, fused, atomic in ((32, 64, 64, 32, "*fp16", False, False, False),
-                                                         (32, 64, 64, 32, "*fp16", True, True, False),
-                                                         (32, 128, 128, 32, "*fp16", True, True, True),
-                                                         (32, 128, 128, 32, "*fp16", False, False, False),
-                                                         (32, 64, 64, 32, "*fp32", True, False, True)):
+    for m1, n1, m2, n2, ptr, one_grad in ((32, 64, 64, 32, "*fp16", False), (32, 64, 64, 32, "*fp16", True),
+                                          (64, 64, 64, 64, "*fp16", True), (32, 128, 128, 32, "*fp16", False),
+                                          (32, 64, 64, 32, "*fp32", True)):
         specs.append((bwd_mod, "_attn_bwd", _arg_types(attention_bwd._attn_bwd, ptr),
                       dict(flags, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, IEEE=ptr == "*fp32",
-                           ONE_GRAD=one_grad, FUSED_DELTA=fused, ATOMIC_DQ=atomic), 4))
+                           ONE_GRAD=one_grad), 4))
     assert_compiles_for_hopper(specs, tmp_path)

@@ -1,5 +1,5 @@
 """Fused attention on a GPU: BERT shapes in every dtype, long packed batches, scattered masks,
-dropout against its mask, the fused-QKV entry and the backward's sweep candidates, and
+dropout against its mask, the fused-QKV entry and the backward's sweep block shapes, and
 Inductor with CUDA graphs. The helpers and the CPU tests: tests/test_attention.py and
 tests/test_attention_bwd.py."""
 
@@ -11,7 +11,7 @@ import test_attention as cpu_tests
 from fastbert import functional as fb
 import test_attention_bwd as bwd_tests
 from test_attention import _check, _cu_seqlens, _keep_mask, _unbind
-from test_attention_bwd import BACKWARD_VARIANTS, _backward_variant, _split_and_fused
+from test_attention_bwd import BACKWARD_VARIANTS, _backward_variant, _split_and_fused, _variant_id
 from utils import DEVICE, randn
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -51,11 +51,11 @@ def test_gpu_dropout_matches_its_mask():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_gpu_backward_variants(monkeypatch, fields, dtype):
-    """The backward's sweep candidates (delta in the main kernel, dQ by atomic adds) at
-    BERT-base's heads against the reference: padded with a mask, packed, one d qkv tensor."""
+    """The backward at the sweep's block shapes, at BERT-base's heads, against the reference:
+    padded with a mask, packed, one d qkv tensor."""
     _backward_variant(monkeypatch, **fields)
     _check([randn(8, 128, 3, 12, 64, dtype=dtype)], _unbind, attention_mask=_keep_mask("mixed", 8, 128))
     lengths = torch.randint(1, 513, (12,)).tolist()
@@ -80,13 +80,10 @@ def test_gpu_qkv_entry_gives_the_split_entrys_bits(dtype, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{}, dict(fused_delta=True, atomic_dq=True)], ids=["shipped", "fused+atomic"])
 @pytest.mark.parametrize("entry", ["split", "qkv"])
-def test_gpu_torch_compile_inductor_and_cuda_graphs(monkeypatch, entry, variant):
+def test_gpu_torch_compile_inductor_and_cuda_graphs(entry):
     """Inductor (fullgraph) and a captured CUDA graph agree with eager, forward and d qkv,
-    through attention on the q, k, v views and through attention_qkv, with the shipped
-    backward and with its sweep candidates (whose dQ is written by a copy after the launch)."""
-    _backward_variant(monkeypatch, **variant)
+    through attention on the q, k, v views and through attention_qkv."""
     torch._dynamo.reset()
     qkv = randn(4, 128, 3, 12, 64, dtype=torch.float16, requires_grad=True)
     mask = _keep_mask("mixed", 4, 128)
