@@ -11,7 +11,9 @@ graph's own; for the training step (bf16 autocast, forward and backward of
 BertForPreTraining's loss, as ``fastbert bench`` times it) it compiles the model with
 ``mode="reduce-overhead"``, whose CUDA graph trees capture forward and backward; ``--backend triton`` selects every fastbert kernel, including the fused GEMM +
 bias + GELU that "auto" leaves to cuBLAS + ``bias_gelu`` until it is measured ahead. Kernels
-are grouped: cuBLAS/CUTLASS GEMMs, each fastbert kernel by name, the rest by name. On a CPU
+are grouped: cuBLAS/CUTLASS GEMMs (``--gemms``: one row per GEMM kernel, whose name carries
+the tile cuBLAS chose, which is what to read where small batches leave SMs idle), each
+fastbert kernel by name, the rest by name. On a CPU
 (``--tiny``) the same tables list CPU operators, which checks the script, not the GPU.
 """
 
@@ -33,14 +35,20 @@ from .common import default_device, synchronize
 from .workloads import CONFIGS, WORKLOADS, random_inputs, tiny
 
 _GEMM = re.compile(r"gemm|xmma|cutlass|cublas|nvjet|sm\d+_.*mma", re.IGNORECASE)
+_TILED = re.compile(r"[A-Za-z_]\w*?\d+x\d+\w*")
 
 
-def kernel_group(name: str) -> str:
-    """A kernel's row in the summary: "GEMM (cuBLAS)" for library matrix products, a Triton
-    kernel's own name (``_attn_fwd``), else the name up to its template arguments."""
+def kernel_group(name: str, gemms: bool = False) -> str:
+    """A kernel's row in the summary: "GEMM (cuBLAS)" for library matrix products (with
+    ``gemms``, "GEMM " and the kernel's own name), a Triton kernel's own name (``_attn_fwd``),
+    else the name up to its template arguments."""
+    short = re.split(r"[<(]", name, maxsplit=1)[0].strip()
     if _GEMM.search(name) and not name.startswith("_"):
-        return "GEMM (cuBLAS)"
-    return re.split(r"[<(]", name, maxsplit=1)[0].strip()[:60]
+        if not gemms:
+            return "GEMM (cuBLAS)"
+        tiled = _TILED.search(name)  # the identifier that names the tile, template argument or not
+        return f"GEMM {(tiled.group(0) if tiled else short.removeprefix('void '))[:57]}"
+    return short[:60]
 
 
 def event_us(evt, on_gpu: bool) -> float:
@@ -55,7 +63,8 @@ def event_us(evt, on_gpu: bool) -> float:
     return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
 
 
-def profile_calls(call: Callable[[], object], iters: int, device: str) -> Tuple[Dict[str, Tuple[float, float]], float]:
+def profile_calls(call: Callable[[], object], iters: int, device: str,
+                  gemms: bool = False) -> Tuple[Dict[str, Tuple[float, float]], float]:
     """({group: (µs per call, launches per call)}, wall ms per call) over ``iters`` calls."""
     for _ in range(3):
         call()
@@ -77,7 +86,7 @@ def profile_calls(call: Callable[[], object], iters: int, device: str) -> Tuple[
         us = event_us(evt, on_gpu)
         if us <= 0:
             continue
-        g = groups[kernel_group(evt.key)]
+        g = groups[kernel_group(evt.key, gemms)]
         g[0] += us / iters
         g[1] += evt.count / iters
     return {k: (v[0], v[1]) for k, v in groups.items()}, wall_ms
@@ -150,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backend", default="auto", choices=("auto", "triton"))
     p.add_argument("--graph", action="store_true",
                    help="replay a CUDA graph (GPU only; the training step compiled with reduce-overhead)")
+    p.add_argument("--gemms", action="store_true",
+                   help="one row per GEMM kernel (its name shows the tile cuBLAS chose) instead of one for all")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="toy model and shapes (checks the script on a CPU)")
     args = p.parse_args(argv)
@@ -175,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             call, layers = train_call(name, args.backend, args.graph, device, args.tiny)
         else:
             call, layers = forward_call(name, args.backend, args.graph, device, dtype, args.tiny)
-        groups, wall_ms = profile_calls(call, args.iters, device)
+        groups, wall_ms = profile_calls(call, args.iters, device, args.gemms)
         if train:
             how, precision, calls = ("compiled, reduce-overhead" if args.graph else "eager"), "bf16 autocast", "steps"
         else:

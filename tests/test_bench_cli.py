@@ -336,6 +336,11 @@ def test_kernel_profile_groups_and_prints(capsys):
     from fastbert.benchmarks import kernel_profile as kp
     assert kp.kernel_group("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "GEMM (cuBLAS)"
     assert kp.kernel_group("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "GEMM (cuBLAS)"
+    assert kp.kernel_group("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", gemms=True) \
+        == "GEMM nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN"
+    assert kp.kernel_group("void cutlass::Kernel2<cutlass_80_tensorop_f16_s16816gemm_64x64_32x6_tn_align8>(T1::Params)",
+                           gemms=True) == "GEMM cutlass_80_tensorop_f16_s16816gemm_64x64_32x6_tn_align8"
+    assert kp.kernel_group("_attn_fwd", gemms=True) == "_attn_fwd"
     assert kp.kernel_group("_attn_fwd") == "_attn_fwd"
     assert kp.kernel_group("_linear_gelu_fwd") == "_linear_gelu_fwd"
     assert kp.kernel_group("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(int)") \
