@@ -386,9 +386,8 @@ def _arg_types(fn, ptr="*fp16"):
 def test_compiles_for_hopper(tmp_path):
     """The kernels at the block sizes the launchers pick on an H100/H200 (forward fp16 64x64
     at D=64 and 128x64 at D=128, fp32 64x32, for positive and other scales; backward fp16
-    32/64 at D=64 and 32/128 at D=128, fp32 32/64, with three gradient tensors and with one,
-    delta from the pre-pass and fused, dQ from its own pass and from atomic adds), every
-    feature on."""
+    32/64 at D=64, the sweep's 64/64, 32/128 at D=128, fp32 32/64, with three gradient
+    tensors and with one), every feature on."""
     from test_layernorm import assert_compiles_for_hopper
 
     from fastbert.kernels import attention_bwd
