@@ -46,6 +46,9 @@ ATTN_BWD = [(32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 
 GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
         (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
         (64, 128, 64, 8, 4, 4)]
+# The GEMMs of one sequence (128 rows): the same fields and the most programs K is split across.
+SMALL_GEMM = [(64, 64, 128, 1, 4, 3, 8), (64, 64, 64, 1, 4, 4, 8), (64, 64, 128, 1, 4, 3, 16), (64, 32, 128, 1, 4, 3, 8),
+              (64, 128, 128, 1, 4, 3, 8), (128, 64, 128, 1, 8, 3, 8), (64, 64, 128, 1, 4, 3, 1)]
 # Row kernels: elements per program and warps; BLOCK_N is the row (bias_gelu: at most 1024 columns).
 ROW_TILES = [1024, 2048, 4096, 8192, 16384]
 ROW_WARPS = [2, 4, 8, 16]
@@ -247,7 +250,8 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
 
 
 def gemm_cases(device, dtype, tiny: bool) -> List[Case]:
-    """The fused GEMM + bias + GELU (inference) at BERT-base's and BERT-large's expansions."""
+    """The fused GEMM + bias + GELU (inference) at BERT-base's and BERT-large's expansions, and
+    the split-K GEMMs of one sequence against cuBLAS."""
     from fastbert.kernels import linear_gelu
     g = torch.Generator(device="cpu").manual_seed(2)
     cases = []
@@ -259,10 +263,28 @@ def gemm_cases(device, dtype, tiny: bool) -> List[Case]:
             x = torch.randn(m, k, generator=g).to(device, dtype)
             w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
             b = torch.randn(n, generator=g).to(device, dtype)
-            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, n, k))
+            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k)[:6])
             cases.append(Case("linear_gelu fwd", f"{m}x{k}->{n}",
                               triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
                               reference.linear_gelu(x.float(), w.float(), b.float()), candidates, shipped))
+        # One sequence: a BERT-base layer's four GEMMs at 128 rows, each against cuBLAS (F.linear,
+        # and bias_gelu after it), which "auto" ran there before the split-K kernel.
+        from fastbert import functional
+        small = [("BM={} BN={} BK={} G={} w={} s={} split<={}".format(*c), linear_gelu, "gemm_config",
+                  lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (SMALL_GEMM[:2] if tiny else SMALL_GEMM)]
+        small.append(("cuBLAS", functional, "_gemm_kernel", lambda *a: None))
+        m = 16 if tiny else 128
+        for k, n, what in ((48, 80, "gelu"),) if tiny else ((768, 2304, "bias"), (768, 768, "no bias"),
+                                                            (768, 3072, "gelu"), (3072, 768, "no bias")):
+            x = torch.randn(m, k, generator=g).to(device, dtype)
+            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
+            b = torch.randn(n, generator=g).to(device, dtype) if what != "no bias" else None
+            if what == "gelu":
+                run, ref = (lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)), reference.linear_gelu(x.float(), w.float(), b.float())
+            else:
+                run, ref = (lambda x=x, w=w, b=b: fb.linear(x, w, b)), reference.linear(x.float(), w.float(), b if b is None else b.float())
+            shipped = "BM={} BN={} BK={} G={} w={} s={} split<={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
+            cases.append(Case("small gemm fwd", f"{m}x{k}->{n} {what}", triton_backend(run), ref, small, shipped))
     return cases
 
 
@@ -304,9 +326,9 @@ def table(rows: Sequence[Dict[str, object]]) -> str:
             mark = "*" if r["shipped"] else " "
             if "error" in r:
                 why = r["error"] if r["error"].startswith("not run") else "failed: " + r["error"]
-                lines.append(f"  {mark} {r['config']:34s} {why}")
+                lines.append(f"  {mark} {r['config']:40s} {why}")
             else:
-                lines.append(f"  {mark} {r['config']:34s} {r['us']:9.2f} us   rel err {r['rel_err']:.1e}")
+                lines.append(f"  {mark} {r['config']:40s} {r['us']:9.2f} us   rel err {r['rel_err']:.1e}")
     return "\n".join(lines)
 
 
