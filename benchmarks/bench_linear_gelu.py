@@ -20,10 +20,9 @@ Forward only, each row on the same x (M × K) and W (N × K):
 The "auto" backend takes the fused kernel (``Op.auto`` in ``fastbert/ops.py``) once these
 rows show it ahead of "cublas+bias_gelu" at BERT-base and BERT-large's shapes.
 
-One sequence (128 rows), on a GPU: the same kernel with K split across programs, which
-"auto" takes up to 256 rows (``Op.auto_rows``), for the expansion ("fastbert" against
-"cublas+bias_gelu") and, as ``linear``, for the layer's GEMMs without a GELU ("fastbert"
-against "cublas", ``F.linear``).
+One sequence (128 rows), on a GPU: "fastbert" (the kernel's few-rows tiles) against
+"cublas+bias_gelu" and "cublas".
+
 TFLOP/s counts the GEMM's 2·M·N·K; GB/s the bytes of x, W, b and y.
 """
 
@@ -41,9 +40,8 @@ from .common import Measurement, bench_step, default_device, dtype_name, measure
 
 # (tokens, in_features, out_features): BERT-base and BERT-large at 4096 tokens.
 SHAPES = [(4096, 768, 3072), (4096, 1024, 4096)]
-# One BERT-base sequence: the expansion, then the GEMMs without a GELU (qkv, attention output
-# and feed-forward output).
-ONE_SEQUENCE = [(128, 768, 3072), (128, 768, 2304), (128, 768, 768), (128, 3072, 768)]
+# One BERT-base sequence's expansion.
+ONE_SEQUENCE = (128, 768, 3072)
 
 
 def setup(dtype: torch.dtype, device: str, shape=SHAPES[0]):
@@ -63,11 +61,13 @@ def setup(dtype: torch.dtype, device: str, shape=SHAPES[0]):
 def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
     on_gpu = str(device).startswith("cuda")
     out = []
-    for shape in SHAPES[:1] if quick or not on_gpu else SHAPES:
+    for shape in (SHAPES[:1] if quick or not on_gpu else SHAPES) + ([ONE_SEQUENCE] if on_gpu else []):
         m, k, n = shape if on_gpu else (256, shape[1], shape[2])
         impls, leaves = setup(dtype, device, (m, k, n))
         if not on_gpu:
             impls = {"eager": impls["eager"]}
+        elif shape == ONE_SEQUENCE:
+            impls = {name: impls[name] for name in ("fastbert", "cublas+bias_gelu", "cublas")}
         else:
             x, w, b = leaves
             impls["fastbert-tanh"] = triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b, "tanh"))
@@ -82,29 +82,6 @@ def run(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
         for meas in measure_op("linear_gelu", case, impls, leaves, dy, nbytes, device, quick, fwd_only=list(impls)):
             meas.tflops = flops / (meas.ms * 1e-3) / 1e12
             out.append(meas)
-    if on_gpu:
-        out += one_sequence(quick, dtype, device)
-    return out
-
-
-def one_sequence(quick: bool, dtype: torch.dtype, device: str) -> List[Measurement]:
-    out = []
-    for i, (m, k, n) in enumerate(ONE_SEQUENCE[::3] if quick else ONE_SEQUENCE):
-        impls, leaves = setup(dtype, device, (m, k, n))
-        x, w, b = leaves
-        op = "linear_gelu" if i == 0 else "linear"
-        if op == "linear":
-            impls = {"fastbert": lambda x=x, w=w, b=b: fb.linear(x, w, b), "cublas": impls["cublas"]}
-        else:  # "auto" takes the split-K kernel at this size, as the model does
-            impls = {"fastbert": lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b),
-                     "cublas+bias_gelu": impls["cublas+bias_gelu"]}
-        el = torch.empty((), dtype=dtype).element_size()
-        nbytes = {"fwd": (m * k + n * k + n + m * n) * el}
-        with torch.no_grad():
-            for meas in measure_op(op, f"{m}x{k}->{n} {dtype_name(dtype)}", impls, leaves, torch.empty(0), nbytes,
-                                   device, quick, fwd_only=list(impls)):
-                meas.tflops = 2.0 * m * n * k / (meas.ms * 1e-3) / 1e12
-                out.append(meas)
     return out
 
 

@@ -66,7 +66,7 @@ def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], d
 
 
 def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
-    """(instructions, memory instructions by width, matrix/special-function/atomic counts)."""
+    """(instructions, memory instructions by width, matrix/special-function counts)."""
     ops = collections.Counter()
     for line in lines:
         m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
@@ -76,7 +76,7 @@ def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
     special = collections.Counter()
     for k, v in ops.items():
         base = k.split(".")[0]
-        if "MMA" in base or base in ("MUFU", "LDGSTS", "LDSM", "STL", "LDL", "ATOMG", "RED"):
+        if "MMA" in base or base in ("MUFU", "LDGSTS", "LDSM", "STL", "LDL"):
             special[base] += v
     return len(lines), memory, dict(special)
 
@@ -127,17 +127,13 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
         n for n in ints if n.startswith("stride_") and n not in const and n not in unspecialised]
     out.append(("attention fwd D=64 (BM=64 BN=64)", at._attn_fwd, sig, const, divisible, 4, 0, 0))
     lg = importlib.import_module("fastbert.kernels.linear_gelu")
-    sig = {"X": f16, "W": f16, "B": f16, "Y": f16, "P": f32, "C": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "K_CHUNK": "i32", "stride_xm": "i32", "stride_wn": "i32"}
-    divisible = ["X", "W", "B", "Y", "P", "C", "N", "K", "K_CHUNK", "stride_xm", "stride_wn"]
-    for m, k, n, cfg, split, gelu in ((4096, 768, 3072, lg.GemmConfig(128, 128, 64, 8, 8, 3), 1, True),
-                                      (128, 3072, 768, lg.GemmConfig(64, 64, 128, 1, 4, 3), 5, False)):
-        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-                 "SPLIT_K": split, "TANH": False, "EVEN_K": True, "IEEE": False, "HAS_BIAS": gelu, "GELU": gelu}
-        name = "linear_gelu" if gelu else "linear"
-        tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + (f", K split {split} ways" if split > 1 else "")
-        out.append((f"{name} fwd {m}x{k}->{n} ({tile})", lg._linear_gelu_fwd, sig, const, divisible, cfg.num_warps,
-                    0, 0))
+    cfg = lg.GemmConfig(128, 128, 64, 8, 8, 3)  # gemm_config on Hopper, fp16
+    sig = {"X": f16, "W": f16, "B": f16, "Y": f16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_wn": "i32"}
+    const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+             "TANH": False, "EVEN_K": True, "IEEE": False, "GELU": True}
+    out.append(("linear_gelu fwd 4096x768->3072 (128x128x64)", lg._linear_gelu_fwd, sig, const,
+                ["X", "W", "B", "Y", "N", "K", "stride_xm", "stride_wn"], cfg.num_warps, 0, 0))
     ab = importlib.import_module("fastbert.kernels.attention_bwd")
     bwd = ab.gpu_bwd_config(torch.float16, 64, 64)
     ptrs = dict(Q=f16, K=f16, V=f16, DO=f16, DQ=f16, DK=f16, DV=f16, LSE=f32, Delta=f32,

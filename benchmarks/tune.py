@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from fastbert import functional as fb
+from fastbert import ops as fastbert_ops
 from fastbert import reference
 
 from .common import default_device, time_ms, triton_backend
@@ -37,18 +38,19 @@ from .common import default_device, time_ms, triton_backend
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4),
             (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)]
-# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages), the shipped 32/64/64/32 and
-# its closest rival first (on an H100 at B=8 S=512: 71.7 against 72.2 µs in one sweep, 80.1
-# against 76.9 in the next), then the rest.
-ATTN_BWD = [(32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 2), (16, 64, 64, 16, 4, 3),
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages), the shipped 32/64/64/32 of 2
+# stages and its closest rivals first (B=8 S=512, µs: H100 sweeps, 3 stages against 64/64/64/64,
+# 71.7 against 72.2, then 80.1 against 76.9; an H200's, 2 stages 75.5, 64-row 76.8, 3 stages 78.8,
+# and at B=32 S=128 with padding 28.2, 30.8, 28.7), then the rest.
+ATTN_BWD = [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3),
             (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2)]
 # linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
         (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
         (64, 128, 64, 8, 4, 4)]
-# The GEMMs of one sequence (128 rows): the same fields and the most programs K is split across.
-SMALL_GEMM = [(64, 64, 128, 1, 4, 3, 8), (64, 64, 64, 1, 4, 4, 8), (64, 64, 128, 1, 4, 3, 16), (64, 32, 128, 1, 4, 3, 8),
-              (64, 128, 128, 1, 4, 3, 8), (128, 64, 128, 1, 8, 3, 8), (64, 64, 128, 1, 4, 3, 1)]
+# linear_gelu at one sequence's 128 rows (the same fields; the last is the many-rows config).
+FEW_ROWS_GEMM = [(64, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 4), (64, 32, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3),
+                 (128, 64, 128, 1, 8, 3), (128, 128, 64, 8, 8, 3)]
 # Row kernels: elements per program and warps; BLOCK_N is the row (bias_gelu: at most 1024 columns).
 ROW_TILES = [1024, 2048, 4096, 8192, 16384]
 ROW_WARPS = [2, 4, 8, 16]
@@ -251,40 +253,38 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
 
 def gemm_cases(device, dtype, tiny: bool) -> List[Case]:
     """The fused GEMM + bias + GELU (inference) at BERT-base's and BERT-large's expansions, and
-    the split-K GEMMs of one sequence against cuBLAS."""
+    at one sequence's rows against cuBLAS + bias_gelu."""
     from fastbert.kernels import linear_gelu
     g = torch.Generator(device="cpu").manual_seed(2)
+
+    def inputs(m, k, n):
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * k ** -0.5
+        return x.to(device, dtype), w.to(device, dtype), torch.randn(n, generator=g).to(device, dtype)
     cases = []
     shapes = [(64, 48, 80)] if tiny else [(4096, 768, 3072), (4096, 1024, 4096)]
     candidates = [("BM={} BN={} BK={} G={} w={} s={}".format(*c), linear_gelu, "gemm_config",
                    lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (GEMM[:2] if tiny else GEMM)]
     with torch.no_grad():
         for m, k, n in shapes:
-            x = torch.randn(m, k, generator=g).to(device, dtype)
-            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
-            b = torch.randn(n, generator=g).to(device, dtype)
-            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k)[:6])
+            x, w, b = inputs(m, k, n)
+            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
             cases.append(Case("linear_gelu fwd", f"{m}x{k}->{n}",
                               triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
                               reference.linear_gelu(x.float(), w.float(), b.float()), candidates, shipped))
-        # One sequence: a BERT-base layer's four GEMMs at 128 rows, each against cuBLAS (F.linear,
-        # and bias_gelu after it), which "auto" ran there before the split-K kernel.
+        # One sequence: the expansion at 128 rows, against cuBLAS + bias_gelu (what "auto" runs).
         from fastbert import functional
-        small = [("BM={} BN={} BK={} G={} w={} s={} split<={}".format(*c), linear_gelu, "gemm_config",
-                  lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (SMALL_GEMM[:2] if tiny else SMALL_GEMM)]
-        small.append(("cuBLAS", functional, "_gemm_kernel", lambda *a: None))
-        m = 16 if tiny else 128
-        for k, n, what in ((48, 80, "gelu"),) if tiny else ((768, 2304, "bias"), (768, 768, "no bias"),
-                                                            (768, 3072, "gelu"), (3072, 768, "no bias")):
-            x = torch.randn(m, k, generator=g).to(device, dtype)
-            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
-            b = torch.randn(n, generator=g).to(device, dtype) if what != "no bias" else None
-            if what == "gelu":
-                run, ref = (lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)), reference.linear_gelu(x.float(), w.float(), b.float())
-            else:
-                run, ref = (lambda x=x, w=w, b=b: fb.linear(x, w, b)), reference.linear(x.float(), w.float(), b if b is None else b.float())
-            shipped = "BM={} BN={} BK={} G={} w={} s={} split<={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
-            cases.append(Case("small gemm fwd", f"{m}x{k}->{n} {what}", triton_backend(run), ref, small, shipped))
+
+        def composed(op, *args, **kwargs):
+            return reference.linear_gelu if op == "linear_gelu" else fastbert_ops.implementation(op, *args, **kwargs)
+        few = [("BM={} BN={} BK={} G={} w={} s={}".format(*c), linear_gelu, "gemm_config",
+                lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (FEW_ROWS_GEMM[:2] if tiny else FEW_ROWS_GEMM)]
+        few.append(("cuBLAS + bias_gelu", functional, "implementation", composed))
+        m, k, n = (16, 48, 80) if tiny else (128, 768, 3072)
+        x, w, b = inputs(m, k, n)
+        shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
+        cases.append(Case("linear_gelu few rows fwd", f"{m}x{k}->{n}",
+                          triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
+                          reference.linear_gelu(x.float(), w.float(), b.float()), few, shipped))
     return cases
 
 

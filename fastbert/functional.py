@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .ops import OPS, implementation
+from .ops import implementation
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _checked_cu_seqlens: list = [None, -1, 0]  # the last cu_seqlens whose values were checked, its version, its longest sequence
@@ -133,44 +133,17 @@ def bias_gelu(x, bias, approximate="none"):
     return implementation(op, x.device, x.dtype)(x, bias, approximate)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias, ``weight`` in nn.Linear's (out_features, in_features) layout.
-
-    ``F.linear`` (cuBLAS) unless the backend selects fastbert's GEMM, autocast is off and
-    nothing needs a gradient: "auto" takes it for inputs of a few rows (one or two sequences),
-    where it splits K across the SMs that cuBLAS's tiles leave idle."""
-    fn = _gemm_kernel("linear", x, weight, bias)
-    return F.linear(x, weight, bias) if fn is None else fn(x, weight, bias)
-
-
 def linear_gelu(x, weight, bias, approximate="none"):
     """gelu(x @ weight.T + bias), ``weight`` in nn.Linear's (out_features, in_features) layout.
 
     One kernel (the GEMM with the bias and the GELU in its epilogue) where the backend selects
-    it ("auto": for a few rows, as :func:`linear`), autocast is off and nothing needs a
-    gradient; otherwise the GEMM through ``F.linear`` (cuBLAS, autocast honoured), then
-    :func:`bias_gelu`, whose backward has the pre-activation it needs."""
-    if approximate not in ("none", "tanh"):
-        _fail("linear_gelu", f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if bias is None:
-        _fail("linear_gelu", "bias must be a tensor, got None")
-    fn = _gemm_kernel("linear_gelu", x, weight, bias)
-    if fn is None:
-        h = F.linear(x, weight)  # bias_gelu's checks hold: bias is (N,) and on x's device
-        return implementation("bias_gelu", h.device, h.dtype)(h, bias, approximate)
-    return fn(x, weight, bias, approximate)
-
-
-def _gemm_kernel(op: str, x, weight, bias):
-    """The implementation of GEMM op ``op`` to call, after checking its arguments, or None
-    where ``F.linear`` is to run (and checks them itself): a gradient is needed, autocast is
-    on, torch.jit is tracing (a trace must serve both grad modes) or the backend does not
-    select the kernel."""
+    it, autocast is off and nothing needs a gradient; otherwise the
+    GEMM through ``F.linear`` (cuBLAS, autocast honoured), then :func:`bias_gelu`, whose
+    backward has the pre-activation it needs."""
+    op = "linear_gelu"
     _check_float(op, x=x, weight=weight, bias=bias)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if autocast or torch.jit.is_tracing() or (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return None
+    if approximate not in ("none", "tanh"):
+        _fail(op, f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if x.dim() == 0:
         _fail(op, "x must have at least one dim")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -178,10 +151,15 @@ def _gemm_kernel(op: str, x, weight, bias):
                   f"got {tuple(weight.shape)}")
     _check_vector(op, "bias", bias, weight.shape[0])
     _check_device(op, x, weight=weight, bias=bias)
-    if weight.dtype != x.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if weight.dtype != x.dtype and not autocast:
         _fail(op, f"weight is {weight.dtype} but x is {x.dtype} (outside autocast they must match, as in F.linear)")
-    fn = implementation(op, x.device, x.dtype, rows=x.numel() // max(x.shape[-1], 1))
-    return None if fn is OPS[op].reference else fn
+    fn = implementation(op, x.device, x.dtype)
+    if (fn is reference.linear_gelu or autocast or torch.jit.is_tracing()  # a trace must serve both grad modes
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))):
+        h = F.linear(x, weight)  # bias_gelu's checks hold: bias is (N,) and on x's device
+        return implementation("bias_gelu", h.device, h.dtype)(h, bias, approximate)
+    return fn(x, weight, bias, approximate)
 
 
 def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):

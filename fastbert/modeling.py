@@ -65,7 +65,7 @@ def dense_activation(hidden_act, x: torch.Tensor, dense: nn.Module) -> torch.Ten
         return F.gelu(h, approximate=form) if form is not None else _activation(hidden_act, h)
     if form is not None:
         return fb.linear_gelu(x, dense.weight, dense.bias, form)
-    return _activation(hidden_act, fb.linear(x, dense.weight, dense.bias))
+    return _activation(hidden_act, F.linear(x, dense.weight, dense.bias))
 
 
 def _activation(hidden_act, h: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ class BertSelfAttention(nn.Module):
         projections = (self.query, self.key, self.value)
         if all(plain(m) for m in projections):
             weight, bias = self.qkv_weight()
-            qkv = fb.linear(hidden_states, weight, bias).view(*lead, 3, *heads[-2:])
+            qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, *heads[-2:])
         else:
             qkv = torch.stack([m(hidden_states).view(heads) for m in projections], dim=-3)
         p = self.dropout.p if self.training else 0.0
@@ -198,7 +198,7 @@ class BertSelfOutput(nn.Module):
             return norm(self.dropout(self.dense(hidden_states)) + input_tensor)
         if not plain(self.dense):
             return fb.add_layernorm(self.dense(hidden_states), input_tensor, norm.weight, norm.bias, norm.eps, dropout_p=p)
-        return fb.add_layernorm(fb.linear(hidden_states, self.dense.weight), input_tensor, norm.weight, norm.bias,
+        return fb.add_layernorm(F.linear(hidden_states, self.dense.weight), input_tensor, norm.weight, norm.bias,
                                 norm.eps, x_bias=self.dense.bias, dropout_p=p)
 
 

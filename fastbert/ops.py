@@ -31,9 +31,6 @@ class Op:
     # "auto" runs the kernel on the GPU; False for a kernel that has yet to show it is faster
     # than what the caller composes without it (the "triton" backend still selects it).
     auto: bool = True
-    # ... and up to this many input rows even where ``auto`` is False: the small-batch GEMMs,
-    # whose split K fills SMs that cuBLAS's tiles leave idle (kernels/linear_gelu.py SMALL_M).
-    auto_rows: int = 0
     # Where fastbert.functional runs a composition of other ops instead of the reference (for
     # reports): linear_gelu's F.linear, then bias_gelu.
     composed: Optional[str] = None
@@ -45,10 +42,8 @@ OPS: Dict[str, Op] = {
         Op("embedding", reference.embedding, "fastbert.kernels.embedding:embedding", native_cpu=True),
         Op("add_layernorm", reference.add_layernorm, "fastbert.kernels.layernorm:add_layernorm"),
         Op("bias_gelu", reference.bias_gelu, "fastbert.kernels.gelu:bias_gelu"),
-        Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False, auto_rows=256,
+        Op("linear_gelu", reference.linear_gelu, "fastbert.kernels.linear_gelu:linear_gelu", auto=False,
            composed="F.linear, then bias_gelu"),
-        Op("linear", reference.linear, "fastbert.kernels.linear_gelu:linear", auto=False, auto_rows=256,
-           composed="F.linear"),
         Op("softmax_mask", reference.softmax_mask, "fastbert.kernels.softmax:softmax_mask"),
         Op("attention", reference.attention, "fastbert.kernels.attention:attention", cpu=cpu.attention),
         Op("attention_qkv", reference.attention_qkv, "fastbert.kernels.attention:attention_qkv", cpu=cpu.attention_qkv),
@@ -81,21 +76,18 @@ def load_kernels() -> None:
         load_kernel(name)
 
 
-def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                   rows: Optional[int] = None) -> Callable:
-    """The function that runs op ``name`` on ``device`` (for ``dtype``, and an input of ``rows``
-    rows where the op's choice depends on it) under the current backend."""
-    op = OPS[name]
+def implementation(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The function that runs op ``name`` on ``device`` (for ``dtype``) under the current backend."""
     if exporting_onnx():
-        return op.reference
-    key = (name, get_backend(), device.type, dtype == torch.float64, rows is not None and rows <= op.auto_rows)
+        return OPS[name].reference
+    key = (name, get_backend(), device.type, dtype == torch.float64)
     if torch.compiler.is_compiling():
         # Traced, the choice is made afresh: a graph that fills the cache would guard on the
         # cache not holding the key, fail that guard on its next call and compile again.
-        return _choose(op, *key[1:])
+        return _choose(OPS[name], key[1], device, key[3])
     fn = _chosen.get(key)
     if fn is None:
-        fn = _chosen[key] = _choose(op, *key[1:])
+        fn = _chosen[key] = _choose(OPS[name], key[1], device, key[3])
     return fn
 
 
@@ -108,24 +100,24 @@ def exporting_onnx() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
-def _choose(op: Op, backend: str, device_type: str, fp64: bool = False, few_rows: bool = False) -> Callable:
+def _choose(op: Op, backend: str, device: torch.device, fp64: bool = False) -> Callable:
     if backend == "eager":
         return op.reference
     kernel, why = load_kernel(op.name)
-    runs_here = device_type == "cuda" or op.native_cpu
+    runs_here = device.type == "cuda" or op.native_cpu
     if backend == "auto":
         # The kernels compute in fp32: float64 keeps its precision through the reference.
-        if kernel is not None and runs_here and not fp64 and (op.auto or few_rows):
+        if kernel is not None and runs_here and not fp64 and op.auto:
             return kernel
-        if device_type == "cpu" and op.cpu is not None:
+        if device.type == "cpu" and op.cpu is not None:
             return op.cpu
         return op.reference
     # backend == "triton": fastbert's own kernel or a clear error.
     if kernel is None:
         raise RuntimeError(f"fastbert: the {op.name} kernel is unavailable ({why}); use the 'auto' or 'eager' backend")
-    if not runs_here and not (device_type == "cpu" and triton_interpreted()):
+    if not runs_here and not (device.type == "cpu" and triton_interpreted()):
         raise RuntimeError(
-            f"fastbert: the Triton {op.name} kernel needs a CUDA tensor, got one on {device_type} "
+            f"fastbert: the Triton {op.name} kernel needs a CUDA tensor, got one on {device.type} "
             "(set TRITON_INTERPRET=1 before importing fastbert to run Triton on the CPU, "
             "or use the 'auto' or 'eager' backend)"
         )

@@ -46,11 +46,6 @@ def bias_gelu(x, bias, approximate="none"):
     return F.gelu(_acc(x) + _acc(bias), approximate=approximate).to(x.dtype)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias: ``F.linear`` itself, the GEMM HF's BERT runs (cuBLAS on the GPU)."""
-    return F.linear(x, weight, bias)
-
-
 def linear_gelu(x, weight, bias, approximate="none"):
     """gelu(x @ weight.T + bias), the product and the GELU in the accumulation dtype."""
     return F.gelu(F.linear(_acc(x), _acc(weight), _acc(bias)), approximate=approximate).to(x.dtype)

@@ -256,8 +256,8 @@ def gpu_bwd_config(dtype: torch.dtype, block_d: int, block_dv: int) -> BwdConfig
     memory (``bwd_config``); ``python -m fastbert.benchmarks.sass`` compiles this one."""
     if dtype == torch.float32:
         return BwdConfig(32, 64, 64, 32, 4, 2) if max(block_d, block_dv) <= 64 else BwdConfig(16, 32, 32, 16, 4, 1)
-    if max(block_d, block_dv) <= 64:
-        return BwdConfig(32, 64, 64, 32, 4, 3)
+    if max(block_d, block_dv) <= 64:  # 2 stages: an H200 sweep's first at S=512 and S=128 (PERF.md)
+        return BwdConfig(32, 64, 64, 32, 4, 2)
     if max(block_d, block_dv) <= 128:
         return BwdConfig(32, 128, 128, 32, 8, 2)
     return BwdConfig(16, 64, 64, 16, 4, 1)

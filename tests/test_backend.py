@@ -103,7 +103,7 @@ def test_model_agrees_across_backends():
 
 def test_describe_names_every_op():
     info = ops.describe()
-    assert set(info) == {"embedding", "add_layernorm", "bias_gelu", "linear", "linear_gelu", "softmax_mask", "attention",
+    assert set(info) == {"embedding", "add_layernorm", "bias_gelu", "linear_gelu", "softmax_mask", "attention",
                          "attention_qkv"}
     for name, what in info.items():
         assert what == "kernel" or what.startswith("reference only ("), (name, what)
