@@ -1,7 +1,7 @@
 """The attention backward beyond the split q, k, v entry (tests/test_attention.py): the
 gradient of a fused QKV tensor written as one tensor (``attention_qkv``), and the backward at
-the block shapes of the launch-config sweep's candidates, against the reference. Under the interpreter on the CPU; tests/test_attention_gpu.py runs them at
-BERT shapes."""
+the block shapes of the launch-config sweep's candidates, against the reference. Under the
+interpreter on the CPU; tests/test_attention_gpu.py runs them at BERT shapes."""
 
 import pytest
 import torch
