@@ -6,7 +6,8 @@ records the whole forward once and replays it with one launch. Graphs need stati
 and static memory, so :class:`CUDAGraphRunner` keeps one graph per (batch, length) bucket:
 an input is copied into the top-left corner of the smallest bucket that holds it, the rest
 is filled with pad ids under a zero attention mask, the graph is replayed, and the outputs
-are cut back to the input's batch and length.
+are cut back to the input's batch and length. The buckets and the writing of an input into
+a graph's static buffer: :mod:`fastbert.graph_inputs`.
 
 Padding a bucket does not change the real positions: BERT's attention masks keys, so a
 masked token is never attended to, and every other op works token by token. A padded graph
@@ -28,97 +29,29 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import reference
+from .graph_inputs import (TOKEN_STEPS, StaticInputs, fill_packing, pad_to_bucket, select_bucket,  # noqa: F401 (re-exported)
+                           static_packing, token_bucket, token_step)
 from .modeling import BertModel, BertSelfAttention, table_rows
 from .ops import implementation
 from .outputs import ModelOutput, MultipleChoiceModelOutput, NextSentencePredictorOutput, SequenceClassifierOutput
-from .padding import Packing, nonzero, starts_with_padding
+from .padding import Packing, starts_with_padding
 
 # Outputs with one row per sequence (no length dim); every other tensor is per token.
 _PER_SEQUENCE_FIELDS = ("pooler_output", "seq_relationship_logits")
 _PER_SEQUENCE_LOGITS = (SequenceClassifierOutput, NextSentencePredictorOutput, MultipleChoiceModelOutput)
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TOKEN_STEPS = 16  # token buckets per (batch, length) bucket
-
-
-def token_bucket(total: int, capacity: int, steps: int = TOKEN_STEPS) -> int:
-    """The token count of the packed graph that runs ``total`` real tokens of a bucket with
-    ``capacity`` positions: ``total`` rounded up to a step of ``capacity / steps`` (itself
-    rounded up to a multiple of 64, a GEMM tile), at least one step and at most ``capacity``
-    (which means: run the padded graph)."""
-    step = token_step(capacity, steps)
-    return min(capacity, max(step, -(-total // step) * step))
-
-
-def token_step(capacity: int, steps: int = TOKEN_STEPS) -> int:
-    return -(-capacity // (steps * 64)) * 64
-
-
-def select_bucket(batch: int, seqlen: int, batch_sizes: Sequence[int],
-                  seq_lens: Sequence[int]) -> Optional[Tuple[int, int]]:
-    """The smallest (batch size, sequence length) bucket that holds a (batch, seqlen) input,
-    or None when the input is larger than the largest bucket in either dim. The bucket
-    lists must be sorted ascending."""
-    b = next((size for size in batch_sizes if size >= batch), None)
-    s = next((size for size in seq_lens if size >= seqlen), None)
-    return None if b is None or s is None else (b, s)
-
-
-def pad_to_bucket(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_type_ids: Optional[torch.Tensor],
-                  position_ids: Optional[torch.Tensor], bucket_batch: int, bucket_len: int, pad_token_id: int) -> torch.Tensor:
-    """The four inputs stacked into one int64 tensor of shape (4, bucket_batch, ..., bucket_len),
-    on the ids' device: the given values in the leading corner; pad ids, mask 0, token type 0
-    and position 0 elsewhere, so rows past the batch are fully masked. The mask becomes
-    0/1; missing token types are 0 and missing positions count from 0, as in the model."""
-    shape = input_ids.shape
-    pad = [0, bucket_len - shape[-1]] + [0, 0] * (input_ids.dim() - 2) + [0, bucket_batch - shape[0]]
-    if attention_mask is None:
-        attention_mask = torch.ones(shape, dtype=torch.long, device=input_ids.device)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros((), dtype=torch.long, device=input_ids.device)
-    if position_ids is None:
-        position_ids = torch.arange(shape[-1], device=input_ids.device)
-    parts = [torch.nn.functional.pad(input_ids.long(), pad, value=pad_token_id),
-             torch.nn.functional.pad(attention_mask.ne(0).long(), pad)]
-    parts += [torch.nn.functional.pad(t.to(device=input_ids.device, dtype=torch.long).expand(shape), pad)
-              for t in (token_type_ids, position_ids)]
-    return torch.stack(parts)
-
-
-def static_packing(rows: int, seqlen: int, tokens: int, device) -> Packing:
-    """The static buffers of a packed graph for ``rows`` sequences of up to ``seqlen`` tokens
-    run as ``tokens`` packed tokens; filled before each replay by :func:`fill_packing`. The
-    tokens past the real ones map to spare rows (one token step of them: a token bucket
-    holds fewer than a step more than the real tokens)."""
-    spare = token_step(rows * seqlen)
-    indices = torch.arange(rows * seqlen, rows * seqlen + tokens, device=device)
-    cu_seqlens = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-    return Packing(indices, cu_seqlens, seqlen, rows, seqlen, spare=spare)
-
-
-def fill_packing(packing: Packing, mask: torch.Tensor, lengths: Sequence[int]) -> None:
-    """Write the packing of a 0/1 ``mask`` (any shape with ``packing.batch * packing.seqlen``
-    entries, on the buffers' device) whose rows hold ``lengths`` real tokens into the static
-    buffers, without reading the device: the real tokens' positions, then spare rows for the
-    rest of the token bucket; ``cu_seqlens`` of the rows (sequences past the batch are empty)."""
-    total, flat = sum(lengths), packing.batch * packing.seqlen
-    if not (len(lengths) == packing.batch and total <= packing.total <= total + packing.spare):
-        raise ValueError(f"a packing of {len(lengths)} rows with {total} tokens does not fit the buffers of "
-                         f"{packing.batch} rows and {packing.total} tokens")
-    rows = mask.reshape(packing.batch, packing.seqlen)
-    packing.indices[:total].copy_(nonzero(rows.reshape(-1) != 0, total))
-    packing.indices[total:].copy_(torch.arange(flat, flat + packing.total - total, device=packing.indices.device))
-    packing.cu_seqlens[1:].copy_(torch.cumsum((rows != 0).sum(1, dtype=torch.int32), 0))
 
 
 def run_bucket(model: nn.Module, inputs: torch.Tensor) -> ModelOutput:
-    """The forward a graph records: the model on the stacked inputs of :func:`pad_to_bucket`."""
+    """The forward a graph records: the model on the stacked inputs of :func:`pad_to_bucket`
+    (a graph's static buffer, see :class:`StaticInputs`)."""
     return model(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2], position_ids=inputs[3],
                  return_dict=True)
 
@@ -199,7 +132,7 @@ def _sizes(name: str, values) -> Tuple[int, ...]:
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
-    inputs: torch.Tensor          # (4, bucket_batch, ..., bucket_len) int64, read by every replay
+    inputs: StaticInputs          # its buffer (4, bucket_batch, ..., bucket_len) int64, read by every replay
     output: ModelOutput           # written by every replay
     keepalive: List[torch.Tensor]  # cached weights the graph reads (the fused QKV)
     packing: Optional[Packing]    # a packed graph's static packing, None for a padded one
@@ -309,41 +242,43 @@ class CUDAGraphRunner:
         if bucket is None:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
         inner = tuple(input_ids.shape[1:-1])
-        inputs = pad_to_bucket(input_ids, attention_mask, token_type_ids, position_ids, bucket[0], bucket[1],
-                               self.pad_token_id)
-        if self.check_inputs:
-            self._check_ranges(inputs)
-        lengths = self._row_lengths(inputs, attention_mask, batch, seqlen)
-        capacity = inputs[1].numel()
+        rows = bucket[0] * math.prod(inner)
+        lengths = self._row_lengths(attention_mask, input_ids.shape, rows)
+        capacity = rows * bucket[1]
         tokens = capacity if lengths is None else token_bucket(sum(lengths), capacity)
         key = (bucket[0], inner, bucket[1], tokens)
         graph = self._graphs.get(key) or self._capture(*key)
         with torch.cuda.device(self.device), torch.no_grad():
-            graph.inputs.copy_(inputs)
+            graph.inputs.stage(input_ids, attention_mask, token_type_ids, position_ids)
+            if self.check_inputs:  # the inputs where they all are on the CPU (no sync), else the staged buffer
+                given = (input_ids, None, token_type_ids, position_ids)  # a mask is staged as 0/1
+                on_host = all(t is None or t.device.type == "cpu" for t in given)
+                self._check_ranges(given if on_host else graph.inputs.buffer)
             if graph.packing is not None:
-                fill_packing(graph.packing, graph.inputs[1], lengths)
+                fill_packing(graph.packing, graph.inputs.buffer[1], lengths)
             graph.graph.replay()
             return slice_output(graph.output, batch, seqlen, bucket[0])
 
     # ------------------------------------------------------------------ internals
 
-    def _row_lengths(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int,
-                     seqlen: int) -> Optional[List[int]]:
-        """The real tokens of each row of the bucket (its sequences, choices flattened), or
-        None where the input should run padded: unpadding is off, the attention kernel
-        cannot be captured packed (the eager reference reads cu_seqlens on the host), or a
-        row is left-padded."""
+    def _row_lengths(self, attention_mask: Optional[torch.Tensor], shape: Sequence[int],
+                     rows: int) -> Optional[List[int]]:
+        """The real tokens of each of the ``rows`` rows of the bucket (its sequences, choices
+        flattened) that holds an input of ``shape``, or None where the input should run
+        padded: unpadding is off, the attention kernel cannot be captured packed (the eager
+        reference reads cu_seqlens on the host), or a row is left-padded. Reads the mask
+        where it is (a device sync for a mask on the GPU)."""
         dtype = next(self.model.parameters()).dtype
         if not self.unpad or implementation("attention_qkv", self.device, dtype) is reference.attention_qkv:
             return None
-        rows = inputs[1].reshape(-1, inputs.shape[-1])
+        seqlen, real_rows = shape[-1], math.prod(shape[:-1])
         if attention_mask is None:  # only the bucket's padding: known without reading the device
-            real_rows = rows.shape[0] // inputs.shape[1] * batch
-            return [seqlen] * real_rows + [0] * (rows.shape[0] - real_rows)
-        lengths, first = torch.stack([rows.sum(1), rows[:, 0]]).tolist()
+            return [seqlen] * real_rows + [0] * (rows - real_rows)
+        real = attention_mask.reshape(real_rows, seqlen) != 0
+        lengths, first = torch.stack([real.sum(1), real[:, 0].long()]).tolist()
         if starts_with_padding(lengths, first):
             return None  # left padding runs padded, as in the eager model (the pooler reads position 0)
-        return lengths
+        return lengths + [0] * (rows - real_rows)
 
     def _check_shapes(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
@@ -366,16 +301,17 @@ class CUDAGraphRunner:
                 raise ValueError(f"CUDAGraphRunner: {name} of shape {tuple(t.shape)} does not fit input_ids of shape "
                                  f"{tuple(input_ids.shape)} (only a 2-D key-padding attention_mask is supported)")
 
-    def _check_ranges(self, inputs: torch.Tensor) -> None:
-        """Raise a ValueError naming the first input whose ids fall outside its table (one
-        host read; a sync when the inputs are on the GPU)."""
-        flat = inputs.view(4, -1)
-        limits = torch.tensor(self._limits, device=inputs.device)[:, None]
-        if not bool(((flat < 0) | (flat >= limits)).any()):
-            return
-        for name, row, limit in zip(_INPUTS, flat, self._limits):
-            lo, hi = int(row.min()), int(row.max())
-            if lo < 0 or hi >= limit:
+    def _check_ranges(self, inputs: Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]) -> None:
+        """Raise a ValueError naming the first input whose ids fall outside its table. ``inputs``
+        is a staged buffer (one host read; a sync when it is on the GPU) or the four inputs,
+        None where not checked."""
+        if isinstance(inputs, torch.Tensor):
+            ranges = torch.stack(inputs.view(4, -1).aminmax(dim=1), 1).tolist()
+        else:
+            ranges = [None if t is None else [int(v) for v in t.aminmax()] for t in inputs]
+        for name, bounds, limit in zip(_INPUTS, ranges, self._limits):
+            if bounds is not None and (bounds[0] < 0 or bounds[1] >= limit):
+                lo, hi = bounds
                 raise ValueError(f"CUDAGraphRunner: {name} contains {lo if lo < 0 else hi}, outside the valid range [0, {limit})")
 
     def _eager(self, input_ids, attention_mask, token_type_ids, position_ids) -> ModelOutput:
@@ -392,12 +328,8 @@ class CUDAGraphRunner:
             return self.model(**dict(zip(_INPUTS, moved)), return_dict=True)
 
     def _capture(self, bucket_batch: int, inner: Tuple[int, ...], bucket_len: int, tokens: int) -> _Graph:
-        shape = (bucket_batch, *inner, bucket_len)
-        inputs = torch.empty((4, *shape), dtype=torch.long, device=self.device)
-        inputs[0].fill_(self.pad_token_id)
-        inputs[1].fill_(1)
-        inputs[2].zero_()
-        inputs[3].copy_(torch.arange(bucket_len, device=self.device).expand(shape))
+        staged = StaticInputs((bucket_batch, *inner, bucket_len), self.pad_token_id, self.device)
+        inputs = staged.buffer  # pad ids, mask 1, token type 0, positions counted over the bucket
         packing = None
         if tokens < inputs[1].numel():  # packed: warm up on the first `tokens` positions as real tokens
             rows = inputs[1].numel() // bucket_len
@@ -418,7 +350,7 @@ class CUDAGraphRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = run_bucket(self.model, inputs)
         keepalive = [t for m in self.model.modules() for t in _cached_tensors(m)]
-        entry = _Graph(graph, inputs, output, keepalive, packing)
+        entry = _Graph(graph, staged, output, keepalive, packing)
         self._graphs[(bucket_batch, inner, bucket_len, tokens)] = entry
         return entry
 

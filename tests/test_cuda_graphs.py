@@ -1,15 +1,20 @@
 """CUDAGraphRunner on the CPU: bucket choice, padding into a bucket and cutting back out
 (through the same functions the runner uses, with the eager model on the captured path),
-packing, and argument checks. Capture and replay on a GPU: tests/test_cuda_graphs_capture.py."""
+staging inputs into a graph's static buffer, packing, and argument checks. Capture and
+replay on a GPU: tests/test_cuda_graphs_capture.py."""
+
+import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastbert
 from fastbert.cuda_graphs import (CUDAGraphRunner, fill_packing, pad_to_bucket, capture_layout, run_bucket, select_bucket,
                                   slice_output, static_packing, token_bucket, token_step)
+from fastbert.graph_inputs import StaticInputs
 from fastbert.outputs import BaseModelOutputWithPooling
-from utils import DEVICE
+from utils import CUDA, DEVICE
 
 VOCAB = 61
 
@@ -149,12 +154,38 @@ def test_left_padded_rows_run_padded():
     model = fastbert.BertModel(tiny_config()).eval()
     runner = SimpleNamespace(model=model, unpad=True, device=torch.device("cpu"))
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-    stacked = torch.stack([torch.ones_like(right), right, torch.zeros_like(right), torch.zeros_like(right)])
-    assert CUDAGraphRunner._row_lengths(runner, stacked, right, 3, 4) == [3, 2, 0]
+    assert CUDAGraphRunner._row_lengths(runner, right, right.shape, 3) == [3, 2, 0]
+    assert CUDAGraphRunner._row_lengths(runner, right.bool(), right.shape, 5) == [3, 2, 0, 0, 0]  # rows past the batch
+    assert CUDAGraphRunner._row_lengths(runner, right.float() * -0.5, right.shape, 4) == [3, 2, 0, 0]
+    assert CUDAGraphRunner._row_lengths(runner, right.view(3, 1, 4), (3, 1, 4), 4) == [3, 2, 0, 0]
+    assert CUDAGraphRunner._row_lengths(runner, None, (2, 3, 4), 12) == [4] * 6 + [0] * 6  # no mask: bucket padding only
     left = right.flip(1)
-    assert CUDAGraphRunner._row_lengths(runner, stacked.flip(-1), left, 3, 4) is None
+    assert CUDAGraphRunner._row_lengths(runner, left, left.shape, 3) is None
     runner.unpad = False
-    assert CUDAGraphRunner._row_lengths(runner, stacked, right, 3, 4) is None
+    assert CUDAGraphRunner._row_lengths(runner, right, right.shape, 3) is None
+
+
+def test_range_check_names_the_input():
+    """The range check reads the inputs themselves (all on the CPU) or the staged buffer,
+    and names the input either way."""
+    from types import SimpleNamespace
+    runner = SimpleNamespace(_limits=(VOCAB, 2, 2, 64))
+    staged = StaticInputs((4, 16), pad_token_id=0, device="cpu")
+    ids = torch.randint(1, VOCAB, (2, 10), dtype=torch.int32)
+    cases = [((ids, None, torch.ones(10, dtype=torch.int32), torch.arange(54, 64)[None]), None),
+             ((ids.index_fill(1, torch.tensor([3]), VOCAB), None, None, None), f"input_ids contains {VOCAB}"),
+             ((ids.index_fill(1, torch.tensor([0]), -3), None, None, None), "input_ids contains -3"),
+             ((ids, None, torch.full((2, 10), 2), None), "token_type_ids contains 2"),
+             ((ids, None, None, torch.arange(55, 65)), "position_ids contains 64"),
+             ((ids, None, torch.zeros(10, dtype=torch.long), torch.full((10,), -1)), "position_ids contains -1")]
+    for args, message in cases:
+        staged.stage(*args)
+        for inputs in (args, staged.buffer):
+            if message is None:
+                CUDAGraphRunner._check_ranges(runner, inputs)
+                continue
+            with pytest.raises(ValueError, match=rf"^CUDAGraphRunner: {message}, outside the valid range \[0, "):
+                CUDAGraphRunner._check_ranges(runner, inputs)
 
 
 def _poison_spare_rows(model, total):
@@ -222,6 +253,111 @@ def test_static_packing_must_fit_the_input():
     ids, mask, _ = random_inputs(2, 8)
     with capture_layout(model, static_packing(4, 8, 16, "cpu")), pytest.raises(ValueError, match="static packing"):
         model(ids, attention_mask=mask)
+
+
+def _stage_args(rng: random.Random, shape):
+    """Random arguments of a call of ``shape``: ids int32 or int64; each optional input missing
+    or given in one of the forms the runner accepts (masks of any dtype, broadcast token
+    types and positions)."""
+    ids = torch.randint(0, VOCAB, shape, dtype=rng.choice([torch.int32, torch.int64]))
+    mask = None if rng.random() < 0.5 else rng.choice([torch.bool, torch.int32, torch.int64, torch.float32])
+    if mask is torch.bool:
+        mask = torch.rand(shape) < 0.7
+    elif mask is not None:
+        mask = torch.tensor([0.0, 1.0, 1.0, 2.0, -1.0, 0.5, float("nan")])[torch.randint(0, 7, shape)].to(mask)
+    optional = []
+    for high in (2, 64):  # token types, positions
+        form = None if rng.random() < 0.5 else rng.choice(["full", "row", "broadcast", "scalar"])
+        extent = {"full": shape, "row": shape[-1:], "broadcast": (1,) * (len(shape) - 1) + shape[-1:],
+                  "scalar": ()}.get(form)
+        optional.append(None if form is None else torch.randint(0, high, extent, dtype=rng.choice([torch.int32, torch.int64])))
+    return [ids, mask, *optional]
+
+
+STAGE_DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
+
+
+@pytest.mark.parametrize("device", STAGE_DEVICES)
+@pytest.mark.parametrize("start", ["capture", "unknown"])
+@pytest.mark.parametrize("bucket", [(4, 8), (3, 2, 7), (1, 5)], ids=["2d", "multiple_choice", "batch1"])
+def test_staging_matches_pad_to_bucket(bucket, start, device):
+    """Sequences of calls whose shapes grow and shrink within the bucket (often repeating the
+    last shape), with inputs given or missing, on the buffer's device or the CPU: after
+    every call the buffer is exactly what pad_to_bucket makes of the same arguments."""
+    rng = random.Random(f"{bucket}-{start}")
+    staged = StaticInputs(bucket, pad_token_id=3, device=device)
+    if start == "unknown":
+        staged.buffer.random_(-9, 99)
+        staged.forget()
+    shape = None
+    for step in range(120):
+        if shape is None or rng.random() < 0.6:
+            shape = (rng.randint(1, bucket[0]), *bucket[1:-1], rng.randint(1, bucket[-1]))
+        args = _stage_args(rng, shape)
+        staged.stage(*[t if t is None or rng.random() < 0.5 else t.to(device) for t in args])
+        expected = pad_to_bucket(*args, bucket[0], bucket[-1], 3)
+        described = [None if t is None else (t.dtype, tuple(t.shape)) for t in args]
+        assert torch.equal(staged.buffer.cpu(), expected), f"call {step}: {described}"
+
+
+class _Writes(TorchDispatchMode):
+    """Records each op that writes a tensor, as (op, the plane of ``buffer`` it writes, or None)."""
+
+    def __init__(self, buffer):
+        super().__init__()
+        self.storage, self.plane_numel, self.ops = buffer.untyped_storage().data_ptr(), buffer[0].numel(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        values = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
+        for a in func._schema.arguments:
+            if a.alias_info is not None and a.alias_info.is_write:
+                t = values[a.name]
+                plane = t.storage_offset() // self.plane_numel if t.untyped_storage().data_ptr() == self.storage else None
+                self.ops.append((func.overloadpacket.__name__, plane))
+        return func(*args, **kwargs)
+
+
+def test_staging_writes_only_what_changed():
+    staged = StaticInputs((4, 8), pad_token_id=5, device="cpu")
+    buffer = staged.buffer  # as a capture reads it: pad ids, mask 1, token type 0, positions over the bucket
+    assert (buffer[0] == 5).all() and (buffer[1] == 1).all() and (buffer[2] == 0).all()
+    assert torch.equal(buffer[3], torch.arange(8).expand(4, 8))
+    ids, types = torch.randint(1, VOCAB, (4, 5)), torch.randint(0, 2, (4, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 0]] * 4)
+
+    def writes(*args):
+        with _Writes(buffer) as recorded:
+            staged.stage(*args)
+        assert torch.equal(buffer, pad_to_bucket(*args, 4, 8, 5))
+        return recorded.ops
+
+    # First call: the ids; the capture's mask and positions reach past the input's length.
+    assert writes(ids, None, None, None) == [("copy_", 0), ("fill_", 1), ("fill_", 3)]
+    assert writes(ids, None, None, None) == [("copy_", 0)]  # the implicit planes already hold their values
+    assert writes(ids.int(), None, types, None) == [("copy_", 0), ("copy_", 2)]
+    assert writes(ids, None, types[0], None) == [("copy_", 0), ("copy_", 2)]  # given values are always written
+    assert writes(ids, None, None, None) == [("copy_", 0), ("fill_", 2)]
+    assert writes(ids, mask.bool(), None, None) == [("copy_", 0), ("copy_", 1)]
+    assert writes(ids, mask, None, None) == [("copy_", 0), ("ne", 1)]
+    assert writes(ids, mask.float(), None, None) == [("copy_", 0), ("ne", 1)]
+    assert writes(ids, None, None, None) == [("copy_", 0), ("fill_", 1)]
+    # Shrinking pads what the last call reached past the new corner; growing writes the new part.
+    assert writes(ids[:, :4], None, None, None) == [("fill_", 0), ("copy_", 0), ("fill_", 1), ("fill_", 3)]
+    assert writes(ids[:3, :4], None, None, None) == [("fill_", 0), ("copy_", 0), ("fill_", 1), ("fill_", 3)]
+    assert writes(ids[:2, :3], None, None, None) == [("fill_", 0), ("copy_", 0), ("fill_", 1), ("fill_", 1),
+                                                     ("fill_", 3), ("copy_", 3)]
+    assert writes(ids[:3, :4], None, None, None) == [("copy_", 0), ("fill_", 1), ("copy_", 3)]
+    assert writes(ids[:, :4], None, None, None) == [("copy_", 0), ("fill_", 1), ("copy_", 3)]
+    assert writes(ids[:, :4], None, None, torch.arange(4)) == [("copy_", 0), ("copy_", 3)]
+    assert writes(ids[:2], None, None, None) == [("fill_", 0), ("copy_", 0), ("fill_", 1), ("fill_", 1),
+                                                 ("fill_", 3), ("copy_", 3)]
+    staged.forget()  # unknown values: every plane is written
+    assert writes(ids, None, None, None) == [("fill_", 0), ("copy_", 0), ("fill_", 1), ("fill_", 1), ("fill_", 2),
+                                             ("fill_", 3), ("copy_", 3)]
+    with pytest.raises(RuntimeError, match="size"):  # a write that fails leaves its plane unknown
+        staged.stage(ids[:2, :3], None, None, torch.arange(7))
+    assert writes(ids, None, None, None) == [("copy_", 0), ("fill_", 1), ("fill_", 3), ("copy_", 3)]
 
 
 def test_slice_output_copies():

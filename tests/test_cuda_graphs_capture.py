@@ -1,12 +1,13 @@
 """CUDAGraphRunner on a GPU: capture and replay against the eager model in every bucket, head
-models, half precision, fallback, input checks, resets after a weight change, packed graphs,
-and no device sync on the replay path. The bucket logic's CPU tests: tests/test_cuda_graphs.py."""
+models, half precision, fallback, input checks, inputs staged across calls, resets after a
+weight change, packed graphs, and no device sync on the replay path. The bucket logic's CPU
+tests: tests/test_cuda_graphs.py."""
 
 import pytest
 import torch
 
 import fastbert
-from fastbert.cuda_graphs import CUDAGraphRunner, select_bucket
+from fastbert.cuda_graphs import CUDAGraphRunner, pad_to_bucket, select_bucket
 from test_cuda_graphs import HEADS, VOCAB, _per_token, random_inputs, real_close, tiny_config
 
 def _gpu_model(cls=fastbert.BertModel, dtype=torch.float32, **kw):
@@ -69,6 +70,30 @@ def test_repeated_calls_see_fresh_inputs_and_keep_old_outputs():
         _check_against_eager(runner, model, batch, seqlen, ("last_hidden_state", "pooler_output"), fastbert.BertModel)
     assert {key[:3] for key in runner.captured} == {(8, (), 32)}
     torch.testing.assert_close(first.last_hidden_state, kept, atol=0, rtol=0)  # not overwritten by later replays
+
+
+@pytest.mark.gpu
+def test_staged_inputs_across_calls():
+    """Calls in one bucket that alternate given and missing inputs, shapes, dtypes and devices:
+    after each, the graph's buffer is what pad_to_bucket makes of the call, and the outputs
+    match the eager model's."""
+    model = _gpu_model()
+    runner = CUDAGraphRunner(model, batch_sizes=(4,), seq_lens=(32,), unpad=False)
+    ids, mask, types = random_inputs(4, 32)
+    calls = [(ids[:3, :20], None, None, None), (ids[:3, :20], None, None, None), (ids, mask, types, None),
+             (ids[:2, :9], None, types[0, :9], None), (ids[:2, :9].int(), mask[:2, :9].bool(), None, torch.arange(9)),
+             (ids[:, :25], None, None, None), (ids[:1, :25], mask[:1, :25].float(), types[:1, :25], None)]
+    for device in ("cuda", "cpu"):
+        for call in calls:
+            got = runner(*[None if t is None else t.to(device) for t in call])
+            (graph,) = runner._graphs.values()
+            expected_inputs = pad_to_bucket(*call, 4, 32, runner.pad_token_id)
+            assert torch.equal(graph.inputs.buffer.cpu(), expected_inputs)
+            real = torch.ones(call[0].shape, dtype=torch.long) if call[1] is None else call[1].long()
+            with torch.no_grad():
+                expected = model(call[0].cuda(), *[None if t is None else t.cuda() for t in (real, *call[2:])])
+            real_close(got.last_hidden_state, expected.last_hidden_state, real.cuda(), True,
+                       what=f"last_hidden_state of a call of shape {tuple(call[0].shape)} from {device}")
 
 
 HEAD_CASES = [(cls, names) for cls, names in HEADS if cls is not fastbert.BertModel]
