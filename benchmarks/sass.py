@@ -66,7 +66,8 @@ def compile_sass(fn, signature: Dict[str, str], constexprs: Dict[str, object], d
 
 
 def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
-    """(instructions, memory instructions by width, matrix/special-function counts)."""
+    """(instructions, memory instructions by width, matrix/special-function counts, with the
+    asynchronous copies: LDGSTS (cp.async) and UTMALDG (TMA))."""
     ops = collections.Counter()
     for line in lines:
         m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
@@ -76,7 +77,7 @@ def summarise(lines: List[str]) -> Tuple[int, Dict[str, int], Dict[str, int]]:
     special = collections.Counter()
     for k, v in ops.items():
         base = k.split(".")[0]
-        if "MMA" in base or base in ("MUFU", "LDGSTS", "LDSM", "STL", "LDL"):
+        if "MMA" in base or base in ("MUFU", "LDGSTS", "UTMALDG", "LDSM", "STL", "LDL"):
             special[base] += v
     return len(lines), memory, dict(special)
 
@@ -134,6 +135,13 @@ def specs() -> List[Tuple[str, object, Dict[str, str], Dict[str, object], List[s
              "TANH": False, "EVEN_K": True, "IEEE": False, "GELU": True}
     out.append(("linear_gelu fwd 4096x768->3072 (128x128x64)", lg._linear_gelu_fwd, sig, const,
                 ["X", "W", "B", "Y", "N", "K", "stride_xm", "stride_wn"], cfg.num_warps, 0, 0))
+    for persistent in (False, True):  # the TMA variant, a program per tile or per SM (tune.py's candidates)
+        sig = {"X": f"tensordesc<fp16[{cfg.block_m}, {cfg.block_k}]>", "W": f"tensordesc<fp16[{cfg.block_n}, {cfg.block_k}]>",
+               "B": f16, "Y": f16, "M": "i32", "N": "i32", "K": "i32"}
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+                 "TANH": False, "PERSISTENT": persistent, "GELU": True}
+        out.append((f"linear_gelu fwd TMA{', persistent' if persistent else ''} (128x128x64)", lg._linear_gelu_tma,
+                    sig, const, ["B", "Y", "N", "K"], cfg.num_warps, 0, 0))
     ab = importlib.import_module("fastbert.kernels.attention_bwd")
     bwd = ab.gpu_bwd_config(torch.float16, 64, 64)
     ptrs = dict(Q=f16, K=f16, V=f16, DO=f16, DQ=f16, DK=f16, DV=f16, LSE=f32, Delta=f32,

@@ -44,13 +44,20 @@ ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (12
 # and at B=32 S=128 with padding 28.2, 30.8, 28.7), then the rest.
 ATTN_BWD = [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3),
             (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2)]
-# linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-GEMM = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
-        (64, 256, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4),
-        (64, 128, 64, 8, 4, 4)]
-# linear_gelu at one sequence's 128 rows (the same fields; the last is the many-rows config).
-FEW_ROWS_GEMM = [(64, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 4), (64, 32, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3),
-                 (128, 64, 128, 1, 8, 3), (128, 128, 64, 8, 8, 3)]
+# linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, tma, programs per SM]);
+# the shipped config first, then the TMA rows (pending), then the pointer kernel's others. The TMA rows: the tiles loaded by Hopper's tensor memory accelerator, a program per tile (two
+# fit an SM at 3 stages) or persistent programs, one per SM, or two of 2 stages (sass at
+# 128x128x64 of 8 warps: 103, 121 and 100 registers, no spills; 128x256 tiles and 4-warp
+# persistent programs spill, so they are not here).
+GEMM = [(128, 128, 64, 8, 8, 3),
+        (128, 128, 64, 8, 8, 3, True, 0), (128, 128, 64, 8, 8, 4, True, 0), (128, 128, 64, 8, 4, 3, True, 0),
+        (128, 128, 64, 8, 8, 3, True, 1), (128, 128, 64, 8, 8, 4, True, 1), (128, 128, 64, 8, 8, 2, True, 2),
+        (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (64, 256, 64, 8, 4, 3),
+        (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
+# linear_gelu at one sequence's 128 rows (the same fields and order; the last is the many-rows config).
+FEW_ROWS_GEMM = [(64, 64, 128, 1, 4, 3), (64, 64, 128, 1, 4, 3, True, 0), (64, 64, 128, 1, 4, 3, True, 1),
+                 (64, 64, 64, 1, 4, 4), (64, 32, 128, 1, 4, 3), (64, 128, 128, 1, 4, 3), (128, 64, 128, 1, 8, 3),
+                 (128, 128, 64, 8, 8, 3)]
 # Row kernels: elements per program and warps; BLOCK_N is the row (bias_gelu: at most 1024 columns).
 ROW_TILES = [1024, 2048, 4096, 8192, 16384]
 ROW_WARPS = [2, 4, 8, 16]
@@ -251,40 +258,38 @@ def row_cases(device, dtype, tiny: bool) -> List[Case]:
     return cases
 
 
+def gemm_label(cfg) -> str:
+    label = "BM={} BN={} BK={} G={} w={} s={}".format(*cfg[:6])
+    return label + (f" TMA, {cfg.per_sm}/SM" if cfg.per_sm else " TMA") if cfg.tma else label
+
+
 def gemm_cases(device, dtype, tiny: bool) -> List[Case]:
-    """The fused GEMM + bias + GELU (inference) at BERT-base's and BERT-large's expansions, and
-    at one sequence's rows against cuBLAS + bias_gelu."""
+    """The fused GEMM + bias + GELU (inference) at BERT-base's expansion, at one sequence's
+    rows of it, and at BERT-large's (in that order, so a time limit cuts the last), each
+    against cuBLAS + bias_gelu."""
+    from fastbert import functional
     from fastbert.kernels import linear_gelu
     g = torch.Generator(device="cpu").manual_seed(2)
 
-    def inputs(m, k, n):
-        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * k ** -0.5
-        return x.to(device, dtype), w.to(device, dtype), torch.randn(n, generator=g).to(device, dtype)
-    cases = []
-    shapes = [(64, 48, 80)] if tiny else [(4096, 768, 3072), (4096, 1024, 4096)]
-    candidates = [("BM={} BN={} BK={} G={} w={} s={}".format(*c), linear_gelu, "gemm_config",
-                   lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (GEMM[:2] if tiny else GEMM)]
-    with torch.no_grad():
-        for m, k, n in shapes:
-            x, w, b = inputs(m, k, n)
-            shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
-            cases.append(Case("linear_gelu fwd", f"{m}x{k}->{n}",
-                              triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
-                              reference.linear_gelu(x.float(), w.float(), b.float()), candidates, shipped))
-        # One sequence: the expansion at 128 rows, against cuBLAS + bias_gelu (what "auto" runs).
-        from fastbert import functional
+    def composed(op, *args, **kwargs):  # what "auto" runs: F.linear (cuBLAS), then bias_gelu
+        return reference.linear_gelu if op == "linear_gelu" else fastbert_ops.implementation(op, *args, **kwargs)
 
-        def composed(op, *args, **kwargs):
-            return reference.linear_gelu if op == "linear_gelu" else fastbert_ops.implementation(op, *args, **kwargs)
-        few = [("BM={} BN={} BK={} G={} w={} s={}".format(*c), linear_gelu, "gemm_config",
-                lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in (FEW_ROWS_GEMM[:2] if tiny else FEW_ROWS_GEMM)]
-        few.append(("cuBLAS + bias_gelu", functional, "implementation", composed))
-        m, k, n = (16, 48, 80) if tiny else (128, 768, 3072)
-        x, w, b = inputs(m, k, n)
-        shipped = "BM={} BN={} BK={} G={} w={} s={}".format(*linear_gelu.gemm_config(x.device, dtype, m, n, k))
-        cases.append(Case("linear_gelu few rows fwd", f"{m}x{k}->{n}",
-                          triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
-                          reference.linear_gelu(x.float(), w.float(), b.float()), few, shipped))
+    def candidates(configs):  # the first config (the shipped one), cuBLAS + bias_gelu, the rest
+        rows = [(gemm_label(linear_gelu.GemmConfig(*c)), linear_gelu, "gemm_config",
+                 lambda *a, c=c: linear_gelu.GemmConfig(*c)) for c in configs]
+        return rows[:1] + [("cuBLAS + bias_gelu", functional, "implementation", composed)] + rows[1:]
+    many, few = ("linear_gelu fwd", GEMM[:3] if tiny else GEMM), ("linear_gelu few rows fwd",
+                                                                  FEW_ROWS_GEMM[:2] if tiny else FEW_ROWS_GEMM)
+    shapes = ([(many, 64, 48, 80), (few, 16, 48, 80)] if tiny else
+              [(many, 4096, 768, 3072), (few, 128, 768, 3072), (many, 4096, 1024, 4096)])
+    cases = []
+    with torch.no_grad():
+        for (name, configs), m, k, n in shapes:
+            x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * k ** -0.5
+            x, w, b = x.to(device, dtype), w.to(device, dtype), torch.randn(n, generator=g).to(device, dtype)
+            cases.append(Case(name, f"{m}x{k}->{n}", triton_backend(lambda x=x, w=w, b=b: fb.linear_gelu(x, w, b)),
+                              reference.linear_gelu(x.float(), w.float(), b.float()), candidates(configs),
+                              gemm_label(linear_gelu.gemm_config(x.device, dtype, m, n, k))))
     return cases
 
 

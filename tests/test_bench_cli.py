@@ -251,7 +251,8 @@ def test_tune_script_runs_only_the_cases_asked_for(tmp_path):
 def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     """Compiled for sm_90 without a GPU: the row kernels (both directions) load and store 16
     bytes per access at their BERT configs, the attention's (both directions) and the fused
-    GEMM's products are warpgroup MMAs (HGMMA), and no kernel spills registers to local memory
+    GEMM's products are warpgroup MMAs (HGMMA), the GEMM's TMA variant loads by TMA (UTMALDG,
+    no cp.async), and no kernel spills registers to local memory
     at its shipped config (add_layernorm's backward with dropout, the attention backward's
     32/128 candidates and add_layernorm's 4096-element 4-warp tiles would)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -269,7 +270,9 @@ def test_sass_summary_shows_wide_loads_and_warpgroup_mma():
     assert "HGMMA" in rows["linear_gelu fwd 4096x768->3072 (128x128x64)"], rows
     (bwd,) = [row for name, row in rows.items() if name.startswith("attention bwd D=64")]
     assert "HGMMA" in bwd, bwd
-    assert len(rows) == 8
+    tma = [row for name, row in rows.items() if name.startswith("linear_gelu fwd TMA")]
+    assert len(tma) == 2 and all("HGMMA" in row and "UTMALDG" in row and "LDGSTS" not in row for row in tma), tma
+    assert len(rows) == 10
     for name, row in rows.items():
         assert "stack 0 B" in row and "'STL'" not in row and "'LDL'" not in row, row
 

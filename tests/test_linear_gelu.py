@@ -212,7 +212,61 @@ def test_compiles_for_hopper(monkeypatch, tmp_path):
         specs.append((mod, "_linear_gelu_fwd", args,
                       {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m,
                        "TANH": tanh, "EVEN_K": even, "IEEE": dt == "fp32", "GELU": gelu}, c.num_warps))
+    for dt, tanh, persistent, gelu in (("fp16", False, False, True), ("bf16", True, True, True),
+                                       ("fp16", False, True, False)):  # the TMA variant (tune.py's candidates)
+        args = {"X": f"tensordesc<{dt}[128, 64]>", "W": f"tensordesc<{dt}[128, 64]>", "B": f"*{dt}", "Y": f"*{dt}",
+                "M": "i32", "N": "i32", "K": "i32"}
+        specs.append((mod, "_linear_gelu_tma", args, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                                                      "TANH": tanh, "PERSISTENT": persistent, "GELU": gelu}, 8))
     assert_compiles_for_hopper(specs, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# The TMA variant: tiles loaded by Hopper's tensor memory accelerator (a sweep candidate)
+# ---------------------------------------------------------------------------------------
+
+def tma_config(per_sm: int) -> "lg_kernels.GemmConfig":
+    return lg_kernels.GemmConfig(128, 128, 64, 8, 8, 3, True, per_sm) if CUDA else \
+        lg_kernels.GemmConfig(16, 32, 16, 2, 1, 1, True, per_sm)
+
+
+def launched_kernels(monkeypatch) -> list:
+    """The names of the kernels the linear_gelu launcher starts from now on."""
+    names, launch = [], lg_kernels.launch
+    monkeypatch.setattr(lg_kernels, "launch", lambda kernel, *a, **k: (names.append(kernel.__name__),
+                                                                       launch(kernel, *a, **k)))
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []),
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("per_sm", [0, 1, 2], ids=["per-tile", "persistent", "persistent-2"])
+@pytest.mark.parametrize("lead,k,n", [((37,), 48, 80), ((2, 3), 40, 24), ((1,), 16, 16), ((70,), 200, 136)])
+def test_tma_kernel_matches_reference(monkeypatch, lead, k, n, per_sm, dtype):
+    """Odd row counts, K not a multiple of BLOCK_K (TMA's zero fill past the edge), several
+    tiles per persistent program; the TMA kernel is the one that ran (on a GPU: a Hopper)."""
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    monkeypatch.setattr(lg_kernels, "gemm_config", lambda *a: tma_config(per_sm))
+    names = launched_kernels(monkeypatch)
+    for approximate in ("none", "tanh"):
+        check_parity(lead, k, n, approximate, dtype)
+    x, w, b = inputs(lead, k, n, dtype)
+    out = lg_kernels.linear_bias(x, w, b)
+    assert_lowp_close(out, F.linear(x, w, b), F.linear(x.double(), w.double(), b.double()), ATOL[dtype] * max(1.0, k / 64))
+    assert set(names) == {"_linear_gelu_tma"}
+
+
+def test_tma_kernel_falls_back_to_pointer_loads(monkeypatch):
+    """Rows that do not start on 16 bytes (K = 20 halves) and fp32 inputs take the pointer
+    kernel under a TMA config, with the same answer."""
+    monkeypatch.setattr(lg_kernels, "gemm_config", lambda *a: tma_config(0))
+    names = launched_kernels(monkeypatch)
+    check_parity((9,), 20, 24, "none", torch.float16)
+    check_parity((9,), 32, 24, "none", torch.float32)
+    x, w, b = inputs((9,), 64, 24, torch.float16)
+    lg_kernels.linear_gelu(x[:, 8:40], w[:, :32], b)  # a column slice: rows 128 bytes apart, 16-byte aligned
+    assert names == ["_linear_gelu_fwd", "_linear_gelu_fwd", "_linear_gelu_tma"]
 
 
 def test_stages_fit_shared_memory(monkeypatch):
