@@ -90,7 +90,7 @@ def from_transformers(hf_model: nn.Module) -> BertModel:
         raise TypeError(f"fastbert.optimize: no HF counterpart for {', '.join(left)}")
     model.config = config  # shared: HF's switches (output_hidden_states, return_dict…) keep their effect
     if any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules()):
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train(hf_model.training)
     return model
 
