@@ -215,7 +215,7 @@ def cudagraph_call(model: nn.Module, inputs, backend: str = "auto", unpad: bool 
     """fastbert's own CUDA-graph runner with one bucket, the workload's shape, captured under
     ``backend``. Ids are not range-checked on each call (that costs a device sync), as a
     server trusting its tokenizer would run it. A workload with padding runs packed (one read
-    of the mask's row sums per call) unless ``unpad`` is False; one without runs the padded
+    of the mask per call) unless ``unpad`` is False; one without runs the padded
     graph, which reads nothing."""
     ids, tt, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]
     with fastbert.use_backend(backend):

@@ -18,9 +18,9 @@ does: the layers see only the real tokens, rounded up to a token bucket (a multi
 sixteenth of the bucket's positions, see :func:`token_bucket`), so a batch of ragged lengths
 costs its real tokens, not batch × longest. The graph is captured per (bucket, token
 bucket); before each replay the runner writes the packing (the real tokens' positions and
-``cu_seqlens``) into the graph's static buffers. Choosing the token bucket needs the number
-of real tokens: one read of the mask's row sums, a device sync when the mask is on the GPU
-(none when it is on the CPU or absent).
+``cu_seqlens``, computed on the host) into the graph's static buffers. Choosing the token
+bucket needs the number of real tokens: one read of the mask, a device sync when the mask is
+on the GPU (none when it is on the CPU, as a tokenizer returns it, or absent).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class CUDAGraphRunner:
     calls do not overwrite it). The bucket is the smallest in ``batch_sizes`` ×
     ``seq_lens`` that holds the input. With ``unpad`` (default) an input that fills fewer
     than fifteen sixteenths of its bucket runs packed, on its real tokens rounded up to a
-    token bucket (see the module's notes; this reads the mask's row sums, a device sync for
+    token bucket (see the module's notes; this reads the mask once, a device sync for
     a mask on the GPU, which servers whose batches are full avoid with ``unpad=False``);
     otherwise it runs padded. Each graph is captured on first use, or up
     front by :meth:`capture_all` (padded graphs); all graphs share one memory pool. Inputs
@@ -243,42 +243,45 @@ class CUDAGraphRunner:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
         inner = tuple(input_ids.shape[1:-1])
         rows = bucket[0] * math.prod(inner)
-        lengths = self._row_lengths(attention_mask, input_ids.shape, rows)
+        real = self._real_tokens(attention_mask, input_ids.shape, rows, bucket[1])
         capacity = rows * bucket[1]
-        tokens = capacity if lengths is None else token_bucket(sum(lengths), capacity)
+        tokens = capacity if real is None else token_bucket(int(real.sum()), capacity)
         key = (bucket[0], inner, bucket[1], tokens)
         graph = self._graphs.get(key) or self._capture(*key)
         with torch.cuda.device(self.device), torch.no_grad():
-            graph.inputs.stage(input_ids, attention_mask, token_type_ids, position_ids)
+            # A packed graph reads the packing, not the mask: its mask plane is left as it is.
+            graph.inputs.stage(input_ids, attention_mask, token_type_ids, position_ids, mask=graph.packing is None)
             if self.check_inputs:  # the inputs where they all are on the CPU (no sync), else the staged buffer
                 given = (input_ids, None, token_type_ids, position_ids)  # a mask is staged as 0/1
                 on_host = all(t is None or t.device.type == "cpu" for t in given)
                 self._check_ranges(given if on_host else graph.inputs.buffer)
             if graph.packing is not None:
-                fill_packing(graph.packing, graph.inputs.buffer[1], lengths)
+                fill_packing(graph.packing, real)
             graph.graph.replay()
             return slice_output(graph.output, batch, seqlen, bucket[0])
 
     # ------------------------------------------------------------------ internals
 
-    def _row_lengths(self, attention_mask: Optional[torch.Tensor], shape: Sequence[int],
-                     rows: int) -> Optional[List[int]]:
-        """The real tokens of each of the ``rows`` rows of the bucket (its sequences, choices
-        flattened) that holds an input of ``shape``, or None where the input should run
-        padded: unpadding is off, the attention kernel cannot be captured packed (the eager
-        reference reads cu_seqlens on the host), or a row is left-padded. Reads the mask
-        where it is (a device sync for a mask on the GPU)."""
+    def _real_tokens(self, attention_mask: Optional[torch.Tensor], shape: Sequence[int], rows: int,
+                     bucket_len: int) -> Optional[torch.Tensor]:
+        """The real tokens of the bucket of ``rows`` rows of ``bucket_len`` that holds an
+        input of ``shape`` (its sequences, choices flattened), as a bool tensor on the host, or
+        None where the input should run padded: unpadding is off, the attention kernel cannot
+        be captured packed (the eager reference reads cu_seqlens on the host), or a row is
+        left-padded. Reads the mask once where it is (a device sync for a mask on the GPU)."""
         dtype = next(self.model.parameters()).dtype
         if not self.unpad or implementation("attention_qkv", self.device, dtype) is reference.attention_qkv:
             return None
         seqlen, real_rows = shape[-1], math.prod(shape[:-1])
+        real = torch.zeros(rows, bucket_len, dtype=torch.bool)
         if attention_mask is None:  # only the bucket's padding: known without reading the device
-            return [seqlen] * real_rows + [0] * (rows - real_rows)
-        real = attention_mask.reshape(real_rows, seqlen) != 0
-        lengths, first = torch.stack([real.sum(1), real[:, 0].long()]).tolist()
-        if starts_with_padding(lengths, first):
+            real[:real_rows, :seqlen] = True
+            return real
+        mask = attention_mask.reshape(real_rows, seqlen)
+        real[:real_rows, :seqlen] = (mask if mask.dtype == torch.bool else mask != 0).cpu()
+        if starts_with_padding(real.sum(1).tolist(), real[:, 0].tolist()):
             return None  # left padding runs padded, as in the eager model (the pooler reads position 0)
-        return lengths + [0] * (rows - real_rows)
+        return real
 
     def _check_shapes(self, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
@@ -334,8 +337,7 @@ class CUDAGraphRunner:
         if tokens < inputs[1].numel():  # packed: warm up on the first `tokens` positions as real tokens
             rows = inputs[1].numel() // bucket_len
             packing = static_packing(rows, bucket_len, tokens, self.device)
-            warm = torch.arange(rows * bucket_len, device=self.device) < tokens
-            fill_packing(packing, warm, [min(bucket_len, max(0, tokens - r * bucket_len)) for r in range(rows)])
+            fill_packing(packing, torch.arange(rows * bucket_len) < tokens)
         with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing), \
                 reused_qkv(self.model):
             # Warm-up on a side stream (as PyTorch asks) compiles and tunes every kernel and

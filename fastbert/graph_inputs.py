@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .padding import Packing, nonzero
+from .padding import Packing, host_packing
 
 TOKEN_STEPS = 16  # token buckets per (batch, length) bucket
 
@@ -115,14 +115,17 @@ class StaticInputs:
         self._held = [(False, self.shape)] * 4
 
     def stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-              token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> None:
+              token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+              mask: bool = True) -> None:
         """Write an input into the buffer. ``input_ids`` is (batch, ..., seq_len) within the
         buffer's shape; ``attention_mask`` has its shape (any dtype: nonzero means a real
         token); token types and positions broadcast to it. The inputs may be on another
-        device than the buffer."""
+        device than the buffer. ``mask=False`` leaves the mask plane as it is (for a graph
+        that does not read it)."""
         extent = tuple(input_ids.shape)
         for index, value in enumerate((input_ids, attention_mask, token_type_ids, position_ids)):
-            self._stage_plane(index, value, extent)
+            if index != 1 or mask:
+                self._stage_plane(index, value, extent)
 
     def _stage_plane(self, index: int, value: Optional[torch.Tensor], extent: Extent) -> None:
         """Make plane ``index`` hold ``value`` (None: its implicit value) in the corner ``extent``
@@ -175,16 +178,21 @@ def static_packing(rows: int, seqlen: int, tokens: int, device) -> Packing:
     return Packing(indices, cu_seqlens, seqlen, rows, seqlen, spare=spare)
 
 
-def fill_packing(packing: Packing, mask: torch.Tensor, lengths: Sequence[int]) -> None:
-    """Write the packing of a 0/1 ``mask`` (any shape with ``packing.batch * packing.seqlen``
-    entries, on the buffers' device) whose rows hold ``lengths`` real tokens into the static
-    buffers, without reading the device: the real tokens' positions, then spare rows for the
-    rest of the token bucket; ``cu_seqlens`` of the rows (sequences past the batch are empty)."""
-    total, flat = sum(lengths), packing.batch * packing.seqlen
-    if not (len(lengths) == packing.batch and total <= packing.total <= total + packing.spare):
-        raise ValueError(f"a packing of {len(lengths)} rows with {total} tokens does not fit the buffers of "
-                         f"{packing.batch} rows and {packing.total} tokens")
-    rows = mask.reshape(packing.batch, packing.seqlen)
-    packing.indices[:total].copy_(nonzero(rows.reshape(-1) != 0, total))
-    packing.indices[total:].copy_(torch.arange(flat, flat + packing.total - total, device=packing.indices.device))
-    packing.cu_seqlens[1:].copy_(torch.cumsum((rows != 0).sum(1, dtype=torch.int32), 0))
+def fill_packing(packing: Packing, real: torch.Tensor) -> None:
+    """Write the packing of ``real``, the bucket's real tokens as a bool tensor on the host
+    (``packing.batch`` rows of ``packing.seqlen``, choices flattened), into the static
+    buffers: the real tokens' positions, then spare rows for the rest of the token bucket;
+    ``cu_seqlens`` of the rows (sequences past the batch are empty). Computed on the host and
+    sent with two copies, without reading the device."""
+    flat = packing.batch * packing.seqlen
+    if real.numel() != flat:
+        raise ValueError(f"a mask of {real.numel()} positions does not fit the buffers of {packing.batch} rows "
+                         f"of {packing.seqlen}")
+    positions, cu_seqlens, _ = host_packing(real.reshape(packing.batch, packing.seqlen))
+    total = positions.numel()
+    if not total <= packing.total <= total + packing.spare:
+        raise ValueError(f"a packing of {total} real tokens does not fit the buffers of {packing.total} tokens "
+                         f"({packing.spare} spare)")
+    spare = torch.arange(flat, flat + packing.total - total)
+    packing.indices.copy_(torch.cat([positions, spare]), non_blocking=True)
+    packing.cu_seqlens.copy_(cu_seqlens, non_blocking=True)

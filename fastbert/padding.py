@@ -13,7 +13,7 @@ positions, so they never touch a real or a padded position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -39,34 +39,38 @@ def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
     """The packing of a (B, S) mask with nonzero entries at real tokens (in any order), or
     None when every token is real (nothing to gather or scatter). ``leading_pad`` tells
     whether a row with real tokens starts with padding (left padding): the pooler reads
-    position 0, which Hugging Face computes there, so such batches run padded."""
+    position 0, which Hugging Face computes there, so such batches run padded.
+
+    The mask is read from the device once; the packing is computed on the host and sent
+    back with two copies, so a packed forward costs one comparison on the device."""
     batch, seqlen = attention_mask.shape
-    keep = attention_mask.reshape(-1) != 0
-    lengths = keep.view(batch, seqlen).sum(1, dtype=torch.int32)
-    # The one read from the device; everything below is sized by it.
-    host, first = torch.stack([lengths, keep.view(batch, seqlen)[:, 0].int()]).tolist() if batch else ([], [])
-    if sum(host) == batch * seqlen:
+    real = (attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0).cpu()
+    positions, cu_seqlens, lengths = host_packing(real)
+    if positions.numel() == batch * seqlen:
         return None
-    indices = nonzero(keep, sum(host))
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    longest = max(host, default=0)
+    device = attention_mask.device
+    indices, cu_seqlens = (t.to(device, non_blocking=True) for t in (positions, cu_seqlens))
+    longest = max(lengths, default=0)
     mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
-    return Packing(indices, cu_seqlens, longest, batch, seqlen, leading_pad=starts_with_padding(host, first))
+    return Packing(indices, cu_seqlens, longest, batch, seqlen,
+                   leading_pad=starts_with_padding(lengths, real[:, 0].tolist()))
+
+
+def host_packing(real: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """The packing of ``real``, a (B, S) bool tensor on the host that is True at the real
+    tokens: their positions in the flattened batch (int64, in order), ``cu_seqlens`` (int32,
+    B+1) and each row's length, all on the host. Copies of host tensors made here may go to
+    the device with ``non_blocking=True``: CUDA stages pageable memory before it returns."""
+    lengths = real.sum(1, dtype=torch.int32)
+    cu_seqlens = torch.zeros(real.shape[0] + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    return real.reshape(-1).nonzero().flatten(), cu_seqlens, lengths.tolist()
 
 
 def starts_with_padding(lengths, first) -> bool:
     """Whether a row with real tokens (``lengths``) has a padded first position (``first``
     is each row's first mask entry): left padding, whose position 0 the pooler reads."""
     return any(n > 0 and not f for n, f in zip(lengths, first))
-
-
-def nonzero(keep: torch.Tensor, total: int) -> torch.Tensor:
-    """Indices of the True entries, ``total`` of them, without a second device sync where
-    ``nonzero_static`` exists for the device."""
-    try:
-        return torch.nonzero_static(keep, size=total).flatten()
-    except (NotImplementedError, RuntimeError, AttributeError):
-        return torch.nonzero(keep).flatten()
 
 
 def unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:

@@ -134,16 +134,43 @@ def test_token_step_is_a_tile_multiple():
 
 def test_fill_packing_layout():
     """Real tokens first, in order; then spare rows past the B*S positions; cu_seqlens of the rows."""
-    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
     packing = static_packing(4, 4, 8, "cpu")
     assert (packing.batch, packing.seqlen, packing.max_seqlen, packing.total, packing.spare) == (4, 4, 4, 8, 64)
-    fill_packing(packing, mask, [3, 0, 3, 0])
+    fill_packing(packing, mask)
     assert packing.indices.tolist() == [0, 1, 2, 8, 10, 11, 16, 17]
     assert packing.cu_seqlens.tolist() == [0, 3, 3, 6, 6]
-    fill_packing(packing, torch.zeros(16, dtype=torch.long), [0] * 4)  # nothing real: all spare
+    fill_packing(packing, torch.zeros(16, dtype=torch.bool))  # nothing real: all spare
     assert packing.indices.tolist() == list(range(16, 24)) and packing.cu_seqlens.tolist() == [0] * 5
     with pytest.raises(ValueError, match="does not fit the buffers"):
-        fill_packing(packing, torch.ones(16, dtype=torch.long), [4] * 4)  # 16 real tokens > 8
+        fill_packing(packing, torch.ones(16, dtype=torch.bool))  # 16 real tokens > 8
+    with pytest.raises(ValueError, match="does not fit the buffers of 4 rows of 4"):
+        fill_packing(packing, torch.ones(12, dtype=torch.bool))
+
+
+def test_unpad_mask_packs_any_mask():
+    """unpad_mask computes the packing on the host from one read of the mask and sends it to
+    the mask's device: the real tokens' positions in order, cu_seqlens and the longest
+    length, for any pattern of real tokens (holes, empty rows, left padding), any mask
+    dtype, and None without padding."""
+    from fastbert.padding import unpad_mask
+    g = torch.Generator().manual_seed(0)
+    for batch, seqlen in ((1, 1), (3, 7), (5, 16), (0, 4)):
+        keep = torch.rand(batch, seqlen, generator=g) < 0.6
+        keep[:1, :1] = True
+        for mask in (keep, keep.long(), keep.float() * 0.5):
+            packing = unpad_mask(mask.to(DEVICE))
+            if bool(keep.all()):
+                assert packing is None
+                continue
+            lengths = keep.sum(1)
+            assert packing.indices.device.type == packing.cu_seqlens.device.type == DEVICE
+            assert packing.indices.tolist() == torch.nonzero(keep.reshape(-1)).flatten().tolist()
+            assert packing.cu_seqlens.dtype == torch.int32
+            assert packing.cu_seqlens.tolist() == [0] + torch.cumsum(lengths, 0).tolist()
+            assert packing.max_seqlen == int(lengths.max())
+            assert packing.leading_pad == any(bool(n) and not bool(f) for n, f in zip(lengths, keep[:, 0]))
+    assert unpad_mask(torch.ones(2, 3, dtype=torch.long)) is None
 
 
 def test_left_padded_rows_run_padded():
@@ -154,15 +181,20 @@ def test_left_padded_rows_run_padded():
     model = fastbert.BertModel(tiny_config()).eval()
     runner = SimpleNamespace(model=model, unpad=True, device=torch.device("cpu"))
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-    assert CUDAGraphRunner._row_lengths(runner, right, right.shape, 3) == [3, 2, 0]
-    assert CUDAGraphRunner._row_lengths(runner, right.bool(), right.shape, 5) == [3, 2, 0, 0, 0]  # rows past the batch
-    assert CUDAGraphRunner._row_lengths(runner, right.float() * -0.5, right.shape, 4) == [3, 2, 0, 0]
-    assert CUDAGraphRunner._row_lengths(runner, right.view(3, 1, 4), (3, 1, 4), 4) == [3, 2, 0, 0]
-    assert CUDAGraphRunner._row_lengths(runner, None, (2, 3, 4), 12) == [4] * 6 + [0] * 6  # no mask: bucket padding only
+
+    def real(mask, shape, rows, bucket_len=4):
+        out = CUDAGraphRunner._real_tokens(runner, mask, shape, rows, bucket_len)
+        return out if out is None else (tuple(out.shape), out.dtype, out.device.type, out.sum(1).tolist())
+    assert real(right, right.shape, 3) == ((3, 4), torch.bool, "cpu", [3, 2, 0])
+    assert real(right.bool(), right.shape, 5)[-1] == [3, 2, 0, 0, 0]  # rows past the batch
+    assert real(right.float() * -0.5, right.shape, 4)[-1] == [3, 2, 0, 0]
+    assert real(right.view(3, 1, 4), (3, 1, 4), 4)[-1] == [3, 2, 0, 0]
+    assert real(None, (2, 3, 4), 12, 6) == ((12, 6), torch.bool, "cpu", [4] * 6 + [0] * 6)  # no mask: bucket padding
+    assert CUDAGraphRunner._real_tokens(runner, right, right.shape, 3, 6)[:, 4:].sum() == 0  # the bucket's columns
     left = right.flip(1)
-    assert CUDAGraphRunner._row_lengths(runner, left, left.shape, 3) is None
+    assert real(left, left.shape, 3) is None
     runner.unpad = False
-    assert CUDAGraphRunner._row_lengths(runner, right, right.shape, 3) is None
+    assert real(right, right.shape, 3) is None
 
 
 def test_range_check_names_the_input():
@@ -212,12 +244,12 @@ def test_packed_bucket_keeps_real_outputs(cls, names, backend):
     for batch, seqlen, bucket in cases:
         ids, mask, types = random_inputs(batch, seqlen, DEVICE)
         inputs = pad_to_bucket(ids, mask, types, None, *bucket, 0)
-        lengths = inputs[1].sum(1).tolist()
-        tokens = token_bucket(sum(lengths), inputs[1].numel())
+        real = inputs[1].bool().cpu()
+        tokens = token_bucket(int(real.sum()), inputs[1].numel())
         assert tokens < inputs[1].numel()  # the case runs packed
         packing = static_packing(bucket[0], bucket[1], tokens, DEVICE)
-        fill_packing(packing, inputs[1], lengths)
-        hooks = _poison_spare_rows(model, sum(lengths))
+        fill_packing(packing, real)
+        hooks = _poison_spare_rows(model, int(real.sum()))
         with torch.no_grad():
             expected = model(ids, attention_mask=mask, token_type_ids=types)
             with capture_layout(model, packing):
@@ -238,9 +270,9 @@ def test_packed_bucket_multiple_choice():
     model = fastbert.BertForMultipleChoice(tiny_config()).eval()
     ids, mask, types = random_inputs(3, 9, inner=(2,))
     inputs = pad_to_bucket(ids, mask, types, None, 4, 16, 0)
-    lengths = inputs[1].reshape(-1, 16).sum(1).tolist()
-    packing = static_packing(8, 16, token_bucket(sum(lengths), 128), "cpu")
-    fill_packing(packing, inputs[1], lengths)
+    real = inputs[1].reshape(-1, 16).bool()
+    packing = static_packing(8, 16, token_bucket(int(real.sum()), 128), "cpu")
+    fill_packing(packing, real)
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, token_type_ids=types)
         with capture_layout(model, packing):

@@ -239,3 +239,18 @@ def test_replay_does_not_sync():
     runner(ids)  # must queue behind the matmuls rather than wait for them
     assert not start.query(), "the replay path waited for the GPU (a device sync)"
     torch.cuda.synchronize()
+    # A ragged batch with its mask on the host (as a tokenizer returns it) runs packed: the
+    # packing is computed on the host and sent without waiting for the GPU either.
+    runner = CUDAGraphRunner(model, batch_sizes=(4,), seq_lens=(64,), check_inputs=False)
+    ids = torch.randint(1, VOCAB, (4, 64), device="cuda")
+    mask = (torch.arange(64) < torch.tensor([[64], [10], [33], [1]])).long()
+    expected = runner(ids, attention_mask=mask).last_hidden_state
+    assert runner.captured[0][3] < 4 * 64, "the ragged batch did not run packed"
+    torch.cuda.synchronize()
+    for _ in range(20):
+        big = big @ big
+        big = big / big.norm()
+    start.record()
+    got = runner(ids, attention_mask=mask).last_hidden_state
+    assert not start.query(), "the packed replay path waited for the GPU (a device sync)"
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
