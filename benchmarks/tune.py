@@ -45,13 +45,16 @@ ATTN_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (12
 ATTN_BWD = [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 3),
             (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 2), (64, 128, 128, 64, 8, 2)]
 # linear_gelu: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, tma, programs per SM]);
-# the shipped config first, then the TMA rows (pending), then the pointer kernel's others. The TMA rows: the tiles loaded by Hopper's tensor memory accelerator, a program per tile (two
+# the shipped config first, then the TMA rows (pending), then the pointer kernel's others. The
+# TMA rows: the tiles loaded by Hopper's tensor memory accelerator, a program per tile (two
 # fit an SM at 3 stages) or persistent programs, one per SM, or two of 2 stages (sass at
-# 128x128x64 of 8 warps: 103, 121 and 100 registers, no spills; 128x256 tiles and 4-warp
-# persistent programs spill, so they are not here).
+# 128x128x64 of 8 warps: 103, 121 and 100 registers, no spills), then smaller (128x64, two per
+# SM) and larger tiles (128x128x128, 256x128: 184 registers, one per SM); 128x256 tiles and
+# 4-warp persistent 128x128 programs spill, so they are not here.
 GEMM = [(128, 128, 64, 8, 8, 3),
         (128, 128, 64, 8, 8, 3, True, 0), (128, 128, 64, 8, 8, 4, True, 0), (128, 128, 64, 8, 4, 3, True, 0),
         (128, 128, 64, 8, 8, 3, True, 1), (128, 128, 64, 8, 8, 4, True, 1), (128, 128, 64, 8, 8, 2, True, 2),
+        (128, 64, 64, 8, 4, 4, True, 0), (128, 128, 128, 8, 8, 2, True, 0), (256, 128, 64, 8, 8, 3, True, 0),
         (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (64, 256, 64, 8, 4, 3),
         (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)]
 # linear_gelu at one sequence's 128 rows (the same fields and order; the last is the many-rows config).
