@@ -29,7 +29,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -241,6 +241,8 @@ class CUDAGraphRunner:
         bucket = select_bucket(batch, seqlen, self.batch_sizes, self.seq_lens)
         if bucket is None:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
+        if self.check_inputs:
+            self._check_ranges((input_ids, None, token_type_ids, position_ids))
         inner = tuple(input_ids.shape[1:-1])
         rows = bucket[0] * math.prod(inner)
         real = self._real_tokens(attention_mask, input_ids.shape, rows, bucket[1])
@@ -251,10 +253,6 @@ class CUDAGraphRunner:
         with torch.cuda.device(self.device), torch.no_grad():
             # A packed graph reads the packing, not the mask: its mask plane is left as it is.
             graph.inputs.stage(input_ids, attention_mask, token_type_ids, position_ids, mask=graph.packing is None)
-            if self.check_inputs:  # the inputs where they all are on the CPU (no sync), else the staged buffer
-                given = (input_ids, None, token_type_ids, position_ids)  # a mask is staged as 0/1
-                on_host = all(t is None or t.device.type == "cpu" for t in given)
-                self._check_ranges(given if on_host else graph.inputs.buffer)
             if graph.packing is not None:
                 fill_packing(graph.packing, real)
             graph.graph.replay()
@@ -304,17 +302,19 @@ class CUDAGraphRunner:
                 raise ValueError(f"CUDAGraphRunner: {name} of shape {tuple(t.shape)} does not fit input_ids of shape "
                                  f"{tuple(input_ids.shape)} (only a 2-D key-padding attention_mask is supported)")
 
-    def _check_ranges(self, inputs: Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]) -> None:
-        """Raise a ValueError naming the first input whose ids fall outside its table. ``inputs``
-        is a staged buffer (one host read; a sync when it is on the GPU) or the four inputs,
-        None where not checked."""
-        if isinstance(inputs, torch.Tensor):
-            ranges = torch.stack(inputs.view(4, -1).aminmax(dim=1), 1).tolist()
-        else:
-            ranges = [None if t is None else [int(v) for v in t.aminmax()] for t in inputs]
-        for name, bounds, limit in zip(_INPUTS, ranges, self._limits):
-            if bounds is not None and (bounds[0] < 0 or bounds[1] >= limit):
-                lo, hi = bounds
+    def _check_ranges(self, inputs: Sequence[Optional[torch.Tensor]]) -> None:
+        """Raise a ValueError naming the first of the four inputs (None where not checked)
+        whose ids fall outside its table: one read of their ranges per device they are on (a
+        sync for the GPU)."""
+        given = [(name, t, limit) for name, t, limit in zip(_INPUTS, inputs, self._limits) if t is not None]
+        bounds = {}
+        for device in {t.device for _, t, _ in given}:
+            here = [(name, t) for name, t, _ in given if t.device == device]
+            values = torch.stack([v.long() for _, t in here for v in t.aminmax()]).tolist()
+            bounds.update((name, values[2 * i: 2 * i + 2]) for i, (name, _) in enumerate(here))
+        for name, _, limit in given:
+            lo, hi = bounds[name]
+            if lo < 0 or hi >= limit:
                 raise ValueError(f"CUDAGraphRunner: {name} contains {lo if lo < 0 else hi}, outside the valid range [0, {limit})")
 
     def _eager(self, input_ids, attention_mask, token_type_ids, position_ids) -> ModelOutput:
