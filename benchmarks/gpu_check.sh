@@ -159,13 +159,14 @@ rm -f "$SNIPPET"
 #    kernels "auto" picks: captured in a CUDA graph (the gaps left are the graph's) and eager
 #    (the gaps are the host's); B=1 S=128 captured only, since its eager forward is all host;
 #    the ragged batch both ways (eager it runs packed yet slower than padded, 13.5 against
-#    10.7 ms on the H200: its idle time says whether the host or a wait is why); the captured
-#    ones with a row per GEMM kernel. GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
+#    10.7 ms on the H200: its idle time says whether the host or a wait is why, and its GEMM
+#    rows whether cuBLAS picks other kernels for its 9166 packed rows than for the graph's
+#    9216); a row per GEMM kernel throughout. GPU_CHECK_PROFILE_BACKENDS="auto triton" adds the fused
 #    feed-forward GEMM's profiles; the benchmark's fused-ffn rows time it end to end.
 for backend in ${GPU_CHECK_PROFILE_BACKENDS:-auto}; do
     for graph in --graph ""; do
         step "kernel profile ($backend${graph:+, graph})" 70 "$OUT/bench.log" $PY -m fastbert.benchmarks.kernel_profile \
-            $graph ${graph:+--gemms} --backend "$backend" --workloads base-b32-s128,${graph:+base-b1-s128,}base-b32-s512-varlen
+            $graph --gemms --backend "$backend" --workloads base-b32-s128,${graph:+base-b1-s128,}base-b32-s512-varlen
     done
 done
 # The bf16 training step (BERT-base B=32 S=128) kernel by kernel, eager; with
