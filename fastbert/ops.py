@@ -95,7 +95,11 @@ def exporting_onnx() -> bool:
     """``torch.onnx.export`` is running. ONNX has no fastbert ops, so under every backend each
     op then takes its eager reference: PyTorch ops that export to standard ONNX ones, which
     ONNX Runtime fuses with its own kernels. (torch.onnx is imported by then; until it is,
-    nothing can be exporting and the check costs a dict lookup.)"""
+    nothing can be exporting and the check costs a dict lookup; both exporters trace, with
+    torch.export or torch.jit, so outside a trace the check is two flags, not torch.onnx's
+    ~2.5 µs.)"""
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return False
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
 
