@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .padding import Packing, host_packing
+from .padding import Packing, host_packing, to_device
 
 TOKEN_STEPS = 16  # token buckets per (batch, length) bucket
 
@@ -194,5 +194,5 @@ def fill_packing(packing: Packing, real: torch.Tensor) -> None:
         raise ValueError(f"a packing of {total} real tokens does not fit the buffers of {packing.total} tokens "
                          f"({packing.spare} spare)")
     spare = torch.arange(flat, flat + packing.total - total)
-    packing.indices.copy_(torch.cat([positions, spare]), non_blocking=True)
-    packing.cu_seqlens.copy_(cu_seqlens, non_blocking=True)
+    to_device(torch.cat([positions, spare]), packing.indices.device, out=packing.indices)
+    to_device(cu_seqlens, packing.cu_seqlens.device, out=packing.cu_seqlens)

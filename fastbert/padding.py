@@ -48,8 +48,7 @@ def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
     positions, cu_seqlens, lengths = host_packing(real)
     if positions.numel() == batch * seqlen:
         return None
-    device = attention_mask.device
-    indices, cu_seqlens = (t.to(device, non_blocking=True) for t in (positions, cu_seqlens))
+    indices, cu_seqlens = (to_device(t, attention_mask.device) for t in (positions, cu_seqlens))
     longest = max(lengths, default=0)
     mark_cu_seqlens_checked(cu_seqlens, longest)  # built here from the mask: valid by construction
     return Packing(indices, cu_seqlens, longest, batch, seqlen,
@@ -59,12 +58,19 @@ def unpad_mask(attention_mask: torch.Tensor) -> Optional[Packing]:
 def host_packing(real: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """The packing of ``real``, a (B, S) bool tensor on the host that is True at the real
     tokens: their positions in the flattened batch (int64, in order), ``cu_seqlens`` (int32,
-    B+1) and each row's length, all on the host. Copies of host tensors made here may go to
-    the device with ``non_blocking=True``: CUDA stages pageable memory before it returns."""
+    B+1) and each row's length, all on the host."""
     lengths = real.sum(1, dtype=torch.int32)
     cu_seqlens = torch.zeros(real.shape[0] + 1, dtype=torch.int32)
     torch.cumsum(lengths, 0, out=cu_seqlens[1:])
     return real.reshape(-1).nonzero().flatten(), cu_seqlens, lengths.tolist()
+
+
+def to_device(t: torch.Tensor, device: torch.device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A host tensor made here, sent to ``device`` (into ``out`` if given) without waiting for
+    the GPU: through pinned memory, whose block PyTorch keeps until the copy has run."""
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True) if out is None else out.copy_(t, non_blocking=True)
 
 
 def starts_with_padding(lengths, first) -> bool:
