@@ -265,12 +265,16 @@ class CUDAGraphRunner:
         """The real tokens of the bucket of ``rows`` rows of ``bucket_len`` that holds an
         input of ``shape`` (its sequences, choices flattened), as a bool tensor on the host, or
         None where the input should run padded: unpadding is off, the attention kernel cannot
-        be captured packed (the eager reference reads cu_seqlens on the host), or a row is
-        left-padded. Reads the mask once where it is (a device sync for a mask on the GPU)."""
+        be captured packed (the eager reference reads cu_seqlens on the host), a row is
+        left-padded, or there is no mask and the input nearly fills the bucket (the hot path
+        of a fixed-shape server: nothing is built). Reads the mask once where it is (a device
+        sync for a mask on the GPU)."""
         dtype = next(self.model.parameters()).dtype
         if not self.unpad or implementation("attention_qkv", self.device, dtype) is reference.attention_qkv:
             return None
         seqlen, real_rows = shape[-1], math.prod(shape[:-1])
+        if attention_mask is None and token_bucket(real_rows * seqlen, rows * bucket_len) == rows * bucket_len:
+            return None  # no padding of its own and (nearly) filling its bucket: the padded graph, no mask built
         real = torch.zeros(rows, bucket_len, dtype=torch.bool)
         if attention_mask is None:  # only the bucket's padding: known without reading the device
             real[:real_rows, :seqlen] = True

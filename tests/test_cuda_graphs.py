@@ -190,6 +190,7 @@ def test_left_padded_rows_run_padded():
     assert real(right.float() * -0.5, right.shape, 4)[-1] == [3, 2, 0, 0]
     assert real(right.view(3, 1, 4), (3, 1, 4), 4)[-1] == [3, 2, 0, 0]
     assert real(None, (2, 3, 4), 12, 6) == ((12, 6), torch.bool, "cpu", [4] * 6 + [0] * 6)  # no mask: bucket padding
+    assert real(None, (3, 4), 3) is None  # no mask, the bucket filled: the padded graph, nothing built
     assert CUDAGraphRunner._real_tokens(runner, right, right.shape, 3, 6)[:, 4:].sum() == 0  # the bucket's columns
     left = right.flip(1)
     assert real(left, left.shape, 3) is None
