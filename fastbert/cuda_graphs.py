@@ -29,7 +29,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -99,24 +99,12 @@ def capture_layout(model: nn.Module, packing: Optional[Packing] = None) -> Itera
             m.unpad, m.static_packing = unpad, static
 
 
-@contextlib.contextmanager
-def reused_qkv(model: nn.Module) -> Iterator[None]:
-    """Every attention in ``model`` keeps its fused QKV weight between calls (see
-    ``BertSelfAttention.qkv_weight``): warm-up fills it and the capture records reads of it."""
-    attentions = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
-    for m in attentions:
-        m.reuse_qkv = True
-    try:
-        yield
-    finally:
-        for m in attentions:
-            m.reuse_qkv = False
-
-
-def drop_qkv_caches(model: nn.Module) -> None:
+def place_qkv(model: nn.Module) -> None:
+    """Lay every attention's Q, K and V weights side by side (a no-op where they already
+    are), so that a graph reads the fused GEMM's weight from the parameters themselves."""
     for m in model.modules():
         if isinstance(m, BertSelfAttention):
-            m._qkv_cache = None
+            m.place_qkv()
 
 
 def _sizes(name: str, values) -> Tuple[int, ...]:
@@ -134,7 +122,6 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     inputs: StaticInputs          # its buffer (4, bucket_batch, ..., bucket_len) int64, read by every replay
     output: ModelOutput           # written by every replay
-    keepalive: List[torch.Tensor]  # cached weights the graph reads (the fused QKV)
     packing: Optional[Packing]    # a packed graph's static packing, None for a padded one
 
 
@@ -161,9 +148,10 @@ class CUDAGraphRunner:
 
     Outputs at real positions equal the eager model's. Padded positions (mask 0) hold zeros
     after a packed graph, as in eager fastbert; after a padded graph they hold values
-    computed as Hugging Face computes them. A graph reads the parameters where they were at
-    capture and keeps its own copy of the fused QKV weight: after changing the weights or the
-    fastbert backend, call :meth:`reset`.
+    computed as Hugging Face computes them. A graph reads the parameters in place (the fused
+    QKV weight too, a view of them), so weights written in place take effect at the next
+    call; after replacing parameters (new tensors, ``.to()``) or changing the fastbert
+    backend, call :meth:`reset`.
     """
 
     def __init__(self, model: nn.Module, batch_sizes: Sequence[int] = (1, 8, 32),
@@ -203,7 +191,7 @@ class CUDAGraphRunner:
         self._limits = (table_rows(emb.word_embeddings), 2, table_rows(emb.token_type_embeddings),
                         table_rows(emb.position_embeddings))
         self._pool = torch.cuda.graph_pool_handle()
-        drop_qkv_caches(model)  # filled afresh by this runner's first capture
+        place_qkv(model)
         self._graphs: Dict[Tuple[int, Tuple[int, ...], int, int], _Graph] = {}
         self._warned = False
 
@@ -215,11 +203,10 @@ class CUDAGraphRunner:
         return sorted(self._graphs)
 
     def reset(self) -> None:
-        """Drop every graph (and its memory) and the fused QKV weights they read; the next calls
-        capture afresh, with the weights as they are then."""
+        """Drop every graph (and its memory); the next calls capture afresh."""
         self._graphs.clear()
         self._pool = torch.cuda.graph_pool_handle()
-        drop_qkv_caches(self.model)
+        place_qkv(self.model)
 
     def capture_all(self, inner_shape: Sequence[int] = ()) -> None:
         """Capture the padded graph of every bucket now, largest first so that smaller graphs
@@ -342,8 +329,7 @@ class CUDAGraphRunner:
             rows = inputs[1].numel() // bucket_len
             packing = static_packing(rows, bucket_len, tokens, self.device)
             fill_packing(packing, torch.arange(rows * bucket_len) < tokens)
-        with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing), \
-                reused_qkv(self.model):
+        with torch.cuda.device(self.device), torch.no_grad(), capture_layout(self.model, packing):
             # Warm-up on a side stream (as PyTorch asks) compiles and tunes every kernel and
             # fills the model's caches, so the capture itself only records launches.
             side = torch.cuda.Stream(self.device)
@@ -355,8 +341,7 @@ class CUDAGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 output = run_bucket(self.model, inputs)
-        keepalive = [t for m in self.model.modules() for t in _cached_tensors(m)]
-        entry = _Graph(graph, staged, output, keepalive, packing)
+        entry = _Graph(graph, staged, output, packing)
         self._graphs[(bucket_batch, inner, bucket_len, tokens)] = entry
         return entry
 
@@ -364,9 +349,3 @@ class CUDAGraphRunner:
         return (f"CUDAGraphRunner({type(self.model).__name__}, batch_sizes={self.batch_sizes}, "
                 f"seq_lens={self.seq_lens}, captured={len(self._graphs)})")
 
-
-def _cached_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
-    """Tensors a module caches between calls (the fused QKV weight) that a graph may read:
-    held so that a later cache refresh cannot free memory the graph still reads."""
-    cache = getattr(module, "_qkv_cache", None)
-    return [t for t in cache if isinstance(t, torch.Tensor)] if isinstance(cache, tuple) else []

@@ -29,6 +29,7 @@ from .inputs import check_forward_kwargs, check_model_inputs
 from .outputs import BaseModelOutputWithPooling, wants_dict
 from .ops import load_kernels
 from .padding import Packing, pad, unpad, unpad_mask
+from .qkv import fused_qkv, place_side_by_side
 from .pretrained import BertPreTrainedModel
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -120,7 +121,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head self-attention. Q, K and V come from one GEMM over the concatenated weight."""
+    """Multi-head self-attention. Q, K and V come from one GEMM, whose weight is the three
+    projections' weights side by side (``fastbert.qkv``)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -131,25 +133,25 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, self.all_head_size)
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self._qkv_cache = None
-        self.reuse_qkv = False  # set by fastbert.cuda_graphs while it warms up and captures
+        self.place_qkv()
+        self.register_load_state_dict_post_hook(_place_qkv_after_load)
+
+    def place_qkv(self) -> bool:
+        """Lay the three projections' weights (and biases) end to end, so that the fused
+        GEMM's weight is a view of them (``fastbert.qkv``); a no-op when they already are."""
+        return place_side_by_side((self.query, self.key, self.value))
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda()… convert each parameter on its own: lay them out again.
+        out = super()._apply(fn, recurse)
+        self.place_qkv()
+        return out
 
     def qkv_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The fused (3H, H) weight and (3H,) bias, concatenated on every call, so that any
-        change to the three projections takes effect, even one autograd's version counters do
-        not see (``p.data`` written in place, as peft's merge and some EMA code do; a cache
-        keyed on the versions served stale weights after it). While ``fastbert.cuda_graphs``
-        captures (``reuse_qkv``) the concatenation is kept, so that a graph reads it at every
-        replay instead of copying the weights; ``CUDAGraphRunner.reset()`` drops it, as it must
-        be called after the weights change."""
-        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
-        if (not self.reuse_qkv or _tracing()
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
-            return torch.cat(params[:3]), torch.cat(params[3:])
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
-            self._qkv_cache = (key, torch.cat(params[:3]).detach(), torch.cat(params[3:]).detach())
-        return self._qkv_cache[1], self._qkv_cache[2]
+        """The fused (3H, H) weight and (3H,) bias: views of the parameters (see
+        ``fastbert.qkv``), concatenated where they are not laid out for it and while
+        torch.compile or a trace records."""
+        return fused_qkv((self.query, self.key, self.value), traced=_tracing())
 
     def forward(self, hidden_states, attention_mask=None, packing: Optional[Packing] = None,
                 additive_mask=None, output_attentions=False):
@@ -180,6 +182,11 @@ class BertSelfAttention(nn.Module):
             else:
                 context = fb.attention_qkv(qkv, attention_mask, dropout_p=p)
         return context.reshape(*lead, self.all_head_size), probs
+
+
+def _place_qkv_after_load(module: BertSelfAttention, incompatible_keys) -> None:
+    # load_state_dict(assign=True) puts the loaded tensors in place of the parameters.
+    module.place_qkv()
 
 
 class BertSelfOutput(nn.Module):
