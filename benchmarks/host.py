@@ -3,7 +3,7 @@ the GPU never waits: the wall time per call is then the Python, dispatcher, auto
 launch work on the CPU, the part a CUDA graph or torch.compile's reduce-overhead removes.
 
     python -m fastbert.benchmarks.host                 # on a GPU
-    python -m fastbert.benchmarks.host --profile       # and cProfile's top entries of each backward
+    python -m fastbert.benchmarks.host --profile       # and cProfile's top entries of each forward and backward
 
 For each op: forward without autograd, forward with autograd, and the backward alone
 (``torch.autograd.grad`` on a retained graph), each as the median of several loops of
@@ -11,6 +11,8 @@ For each op: forward without autograd, forward with autograd, and the backward a
 thread (torch's default for CUDA) and with autograd multithreading off (on the calling
 thread), which shows what the thread hand-off costs. ``identity`` is an
 ``autograd.Function`` that returns its input: the floor of any Python-defined backward.
+On a GPU, ``fastbert-triton-launch`` rows launch every kernel through Triton's
+``JITFunction.run`` instead of fastbert's direct path (``fastbert.kernels._launcher``).
 
 ``--model`` adds whole models: a 12-layer BERT of hidden size 64 on 16 tokens, forward
 without grad and forward+backward, fastbert against Hugging Face's sdpa model. On a CPU under
@@ -35,6 +37,7 @@ import fastbert
 from fastbert import functional as fb
 from fastbert import reference
 from fastbert.backend import triton_interpreted
+from fastbert.kernels import _launcher
 
 from .common import default_device
 
@@ -92,6 +95,18 @@ def _backward(fwd: Callable, leaves: List[torch.Tensor]) -> Callable:
 
 
 @contextlib.contextmanager
+def _triton_launches(on: bool) -> Iterator[None]:
+    """Every Triton launch through ``JITFunction.run`` (``on``), not fastbert's direct path
+    (``fastbert.kernels._launcher``)."""
+    enabled = _launcher.ENABLED
+    _launcher.ENABLED = enabled and not on
+    try:
+        yield
+    finally:
+        _launcher.ENABLED = enabled
+
+
+@contextlib.contextmanager
 def _launches_stubbed() -> Iterator[None]:
     """Interpreted Triton launches do nothing (host-cost measurements on a CPU)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -112,7 +127,10 @@ def _model_rows(device: str, dtype: torch.dtype, calls: int) -> None:
     mask = torch.ones_like(ids)
     on_gpu = device == "cuda"
     stub = not on_gpu and triton_interpreted()
-    models = {"fastbert" + (" (launches stubbed)" if stub else ""): fastbert.BertModel(fastbert.BertConfig(**config))}
+    ours = fastbert.BertModel(fastbert.BertConfig(**config))
+    models = {"fastbert" + (" (launches stubbed)" if stub else ""): ours}
+    if on_gpu and _launcher.ENABLED:
+        models["fastbert-triton-launch"] = ours  # every launch through JITFunction.run
     try:
         import transformers
         models["hf-sdpa"] = transformers.BertModel(transformers.BertConfig(**config, attn_implementation="sdpa"))
@@ -124,7 +142,8 @@ def _model_rows(device: str, dtype: torch.dtype, calls: int) -> None:
         model.to(device, dtype).eval()
         triton = name.startswith("fastbert") and (on_gpu or stub)
         with fastbert.use_backend("triton") if triton else contextlib.nullcontext(), \
-                _launches_stubbed() if stub and triton else contextlib.nullcontext():
+                _launches_stubbed() if stub and triton else contextlib.nullcontext(), \
+                _triton_launches(name.endswith("triton-launch")):
             def forward():
                 return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -139,7 +158,7 @@ def _model_rows(device: str, dtype: torch.dtype, calls: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--profile", action="store_true", help="cProfile each fastbert backward (on the calling thread)")
+    ap.add_argument("--profile", action="store_true", help="cProfile each fastbert forward and backward (on the calling thread)")
     ap.add_argument("--model", action="store_true", help="also whole 12-layer models, fastbert against HF sdpa")
     ap.add_argument("--model-calls", type=int, default=20)
     args = ap.parse_args(argv)
@@ -147,32 +166,38 @@ def main(argv=None) -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"# host µs per call, {name}, torch {torch.__version__}, {args.calls} calls per loop")
-    print(f"{'op':<14} {'impl':<9} {'fwd nograd':>10} {'fwd grad':>9} {'bwd thread':>10} {'bwd inline':>10}")
+    print(f"{'op':<14} {'impl':<22} {'fwd nograd':>10} {'fwd grad':>9} {'bwd thread':>10} {'bwd inline':>10}")
     profiles = {}
     # Off the GPU the default backend (the Triton interpreter's host cost would mean nothing).
     with fastbert.use_backend("triton") if device == "cuda" else contextlib.nullcontext():
         for op, (fast, eager, leaves) in _cases(device, dtype).items():
-            for impl, fwd in (("fastbert", fast), ("eager", eager)):
-                if op == "identity" and impl == "eager":
-                    continue
-                with torch.no_grad():
-                    nograd = _per_call_us(fwd, args.calls)
-                grad = _per_call_us(fwd, args.calls)
-                bwd = _backward(fwd, leaves)
-                threaded = _per_call_us(bwd, args.calls)
-                with torch.autograd.set_multithreading_enabled(False):
-                    inline = _per_call_us(bwd, args.calls)
-                    if args.profile and impl == "fastbert":
-                        prof = cProfile.Profile()
-                        prof.runcall(lambda: [bwd() for _ in range(args.calls)])
-                        profiles[op] = prof
-                print(f"{op:<14} {impl:<9} {nograd:>10.1f} {grad:>9.1f} {threaded:>10.1f} {inline:>10.1f}", flush=True)
+            impls = [("fastbert", fast)]
+            if device == "cuda" and _launcher.ENABLED and op != "identity":
+                impls.append(("fastbert-triton-launch", fast))  # every launch through JITFunction.run
+            impls += [("eager", eager)] if op != "identity" else []
+            for impl, fwd in impls:
+                with _triton_launches(impl.endswith("triton-launch")):
+                    with torch.no_grad():
+                        nograd = _per_call_us(fwd, args.calls)
+                    grad = _per_call_us(fwd, args.calls)
+                    bwd = _backward(fwd, leaves)
+                    threaded = _per_call_us(bwd, args.calls)
+                    with torch.autograd.set_multithreading_enabled(False):
+                        inline = _per_call_us(bwd, args.calls)
+                        if args.profile and impl == "fastbert":
+                            prof = cProfile.Profile()
+                            prof.runcall(lambda: [fwd() for _ in range(args.calls)])
+                            profiles[f"{op} forward"] = prof
+                            prof = cProfile.Profile()
+                            prof.runcall(lambda: [bwd() for _ in range(args.calls)])
+                            profiles[f"{op} backward"] = prof
+                print(f"{op:<14} {impl:<22} {nograd:>10.1f} {grad:>9.1f} {threaded:>10.1f} {inline:>10.1f}", flush=True)
     if args.model:
         _model_rows(device, dtype, args.model_calls)
     for op, prof in profiles.items():
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
-        print(f"\n## cProfile, {op} backward x{args.calls} (inline), by own time")
+        print(f"\n## cProfile, {op} x{args.calls} (backward inline), by own time")
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:3000])
 
 

@@ -1,8 +1,7 @@
-// fastbert._C: the op schemas of the fused embedding, their argument checks, and the Python
-// module. The implementations: CPU in embedding_cpu.cpp, CUDA in embedding_cuda.cu;
-// register_fake and register_autograd are in kernels/embedding.py.
+// fastbert._C: the op schemas of the fused embedding and their argument checks. The
+// implementations: CPU in embedding_cpu.cpp, CUDA in embedding_cuda.cu; register_fake and
+// register_autograd are in kernels/embedding.py; the Python module in module.cpp.
 // Narrow ATen headers (not torch/extension.h) keep the C++ build to seconds.
-#include <Python.h>
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -191,36 +190,3 @@ TORCH_LIBRARY(fastbert, m) {
       "Tensor word_weight, Tensor position_weight, Tensor token_type_weight, Tensor ln_weight, Tensor mean, "
       "Tensor rstd, float dropout_p, Tensor? seed, int? padding_idx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
-
-#define FASTBERT_STR2(x) #x
-#define FASTBERT_STR(x) FASTBERT_STR2(x)
-#ifdef FASTBERT_CUDA_ARCHS
-#define FASTBERT_ARCHS_STRING FASTBERT_STR(FASTBERT_CUDA_ARCHS)  // e.g. "80_90"
-#else
-#define FASTBERT_ARCHS_STRING ""
-#endif
-
-// A plain CPython module (no pybind11): importing fastbert._C loads the library, which
-// registers the ops; three functions describe the build and switch the CUDA id check.
-static PyObject* py_cuda_built(PyObject*, PyObject*) { return PyBool_FromLong(fastbert::cuda_built()); }
-static PyObject* py_cuda_archs(PyObject*, PyObject*) { return PyUnicode_FromString(FASTBERT_ARCHS_STRING); }
-static PyObject* py_set_sync_id_check(PyObject*, PyObject* on) {
-  const int value = PyObject_IsTrue(on);
-  if (value < 0) return nullptr;
-  const bool previous = fastbert::sync_id_check();
-  fastbert::sync_id_check() = value != 0;
-  return PyBool_FromLong(previous);
-}
-
-static PyMethodDef fastbert_methods[] = {
-    {"cuda_built", py_cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
-    {"cuda_archs", py_cuda_archs, METH_NOARGS, "Compute capabilities compiled, e.g. '80_90' (empty without CUDA)."},
-    {"set_sync_id_check", py_set_sync_id_check, METH_O,
-     "This thread's CUDA id check on (True) or off (False); returns the previous setting."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static PyModuleDef fastbert_module = {PyModuleDef_HEAD_INIT, "_C",
-                                      "fastbert's C++/CUDA extension: the fused embedding ops live in torch.ops.fastbert",
-                                      -1, fastbert_methods};
-
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&fastbert_module); }

@@ -61,4 +61,7 @@ inline at::ScalarType stat_dtype(at::ScalarType table) { return table == at::kDo
 // the ids on the host. The kernels never read a bad row either way and still record it.
 bool& sync_id_check();
 
+// Whether the CUDA kernels were compiled in.
+bool cuda_built();
+
 }  // namespace fastbert

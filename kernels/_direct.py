@@ -22,7 +22,9 @@ torch.compile traces or a dispatch mode is active, so that they record the launc
 directly otherwise. In eager mode ``wrap_triton(kernel)[grid](...)`` still turns the launch
 into a higher-order op, binds its arguments and files them in a side table that grows by one
 entry per launch: ~280 µs per launch on a 2-core CPU host (torch 2.11, Triton's own launch
-stubbed out) against 2.3 µs for ``kernel[grid](...)``, the same launch.
+stubbed out) against 2.3 µs for ``kernel[grid](...)``, the same launch. Eager launches skip
+``JITFunction.run`` too, once it has compiled the kernel for the arguments' kind
+(:mod:`._launcher`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Callable, Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+
+from ._launcher import fast_launch
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -94,7 +98,10 @@ def launch(kernel, grid, *args, **meta) -> None:
     tensors; there (shape propagation for torch.compile and opcheck) only the outputs'
     shapes matter, so the launch is skipped."""
     if not _traced():
-        kernel[grid](*args, **meta)
+        if interpreted(kernel):
+            kernel[grid](*args, **meta)
+        else:
+            fast_launch(kernel, grid, args, meta)
         return
     if interpreted(kernel) and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
