@@ -147,6 +147,11 @@ class BertSelfAttention(nn.Module):
         self.place_qkv()
         return out
 
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling copy each parameter on its own.
+        super().__setstate__(state)
+        self.place_qkv()
+
     def qkv_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The fused (3H, H) weight and (3H,) bias: views of the parameters (see
         ``fastbert.qkv``), concatenated where they are not laid out for it and while

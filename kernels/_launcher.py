@@ -35,8 +35,10 @@ import torch
 try:
     import triton
     from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
 except ImportError:  # no Triton: only the C++ ops are used
     triton = driver = None
+    JITFunction = ()
 try:
     from fastbert._C import launch_key
 except ImportError:  # fastbert._C not built: every launch goes through Triton
@@ -103,7 +105,7 @@ _launchers: Dict[Any, FastLaunch] = {}
 def fast_launch(kernel, grid, args: tuple, meta: Dict[str, Any]) -> None:
     """``kernel[grid](*args, **meta)`` for an eager call (see the module's docstring); the
     grid is a tuple of up to three ints."""
-    if not ENABLED or callable(grid):
+    if not ENABLED or callable(grid) or not isinstance(kernel, JITFunction):
         kernel[grid](*args, **meta)
         return
     launcher = _launchers.get(kernel)

@@ -318,7 +318,7 @@ def test_launch_spec_reads_types_and_specialisations():
 
 def test_host_cost_script_prints_every_op(capsys):
     """benchmarks/host.py: one row per op and implementation, positive times, and the
-    profile of each fastbert backward when asked."""
+    profile of each fastbert forward and backward when asked."""
     from fastbert.benchmarks import host
     host.main(["--calls", "2", "--profile", "--model", "--model-calls", "1"])
     out = capsys.readouterr().out
@@ -328,7 +328,7 @@ def test_host_cost_script_prints_every_op(capsys):
                                      ("add_layernorm", "bias_gelu", "softmax_mask", "attention")
                                      for impl in ("fastbert", "eager")], out
     assert all(float(v) > 0 for r in rows for v in r[2:]), rows
-    assert out.count("## cProfile") == 5
+    assert out.count("## cProfile") == 10
     section = out.split("# host ms per call")[1].split("\n\n")[0]
     models = [line.split() for line in section.splitlines()[2:]]
     assert models[0][0] == "fastbert" and all(float(v) > 0 for m in models for v in m[-2:]), models

@@ -51,9 +51,13 @@ def test_two_processes_equal_one_on_the_combined_batch(tmp_path):
     ddp = read_state_dict(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
     assert history[-1]["loss"] != history[0]["loss"]
+    # Four Adam steps at lr 1e-3 move a parameter by up to ~4e-3. DDP averages two half-batch
+    # gradients, which rounds differently from one full-batch sum, and Adam's normalisation
+    # carries that rounding of small gradients into whole updates: ~1e-6, more when a busy
+    # host makes the BLAS split its work differently. 5e-6 is still a thousandth of a step.
     moved = 0
     for key, value in single.items():
         err = (value - ddp[key]).abs().max().item()
-        assert err <= 1e-6, f"{key}: max |difference| {err:.3g}"
+        assert err <= 5e-6, f"{key}: max |difference| {err:.3g}"
         moved += 1
     assert moved > 10

@@ -88,7 +88,7 @@ def _recording():
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
     recorder = _Recorder()
-    previous = driver._active  # None until a real driver was asked for (none on a CPU host)
+    previous = getattr(driver, "_active", None)  # None until a real driver was asked for (none on a CPU host)
     driver.set_active(recorder)
     kernel = JITFunction(_scale_rows)  # fresh: it holds no kernel compiled for a real device
     fast = FastLaunch(kernel)
@@ -98,7 +98,12 @@ def _recording():
         fast.compiled.clear()
         kernel.device_caches.clear()
         gc.collect()
-        driver._active = previous
+        if previous is not None:
+            driver.set_active(previous)
+        elif torch.cuda.is_available():
+            driver.reset_active()
+        else:
+            driver._active = None
 
 
 @pytest.mark.skipif(launch_key is None, reason="fastbert._C is not built")

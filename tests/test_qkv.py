@@ -114,13 +114,14 @@ def test_gradients_and_optimizer_steps_through_the_view():
 
 
 def test_lost_layout_falls_back_to_a_copy():
-    """A deep copy, or parameters replaced from outside, lose the layout: the fused weight is
-    then concatenated (current, never stale); placing them again restores the view."""
+    """Parameters replaced from outside lose the layout: the fused weight is then
+    concatenated (current, never stale); placing them again restores the view."""
     _, fb = _pair()
     ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
     with torch.no_grad():
         ref = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
     twin = copy.deepcopy(fb)
+    assert all(_is_view(a) for a in _attentions(twin))  # laid out again after the copy
     attention = _attentions(twin)[0]
     attention.key.weight = nn.Parameter(attention.key.weight.detach().clone())
     assert not _is_view(attention)
@@ -142,6 +143,7 @@ def test_pickled_model_and_shared_memory_keep_working():
     torch.save(fb, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
+    assert all(_is_view(a) for a in _attentions(loaded))
     ids, _, mask = inputs(PADDINGS["mixed"])
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).last_hidden_state, fb(ids, attention_mask=mask).last_hidden_state)
