@@ -2,9 +2,10 @@
 # The one script for a GPU machine (see GPU.md), most wanted first: install in place (building
 # the CUDA extension for sm_90), the GPU tests, the quick benchmark, the launch-config sweep
 # (benchmarks/tune.py: the cases with a decision pending, every case with GPU_CHECK_TUNE=1),
-# compute-sanitizer on the CUDA embedding op, the kernel time per forward and per training
-# step (benchmarks/kernel_profile.py), the rest of the test suite on the GPU and the host cost
-# per op call (benchmarks/host.py), each with whatever time is left.
+# compute-sanitizer on the CUDA embedding op (GPU_CHECK_SANITIZER=1), the kernel time per
+# forward and per training step (benchmarks/kernel_profile.py), the host cost per op call
+# (benchmarks/host.py) and the rest of the test suite on the GPU, each with whatever time is
+# left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
@@ -78,7 +79,7 @@ else:
 EOF
 
 # 2. The GPU tests (BERT shapes, every dtype); the rest of the suite runs on the GPU machine
-#    near the end (step 7: it runs the CPU suite's tests on CUDA tensors, which found
+#    near the end (step 8: it runs the CPU suite's tests on CUDA tensors, which found
 #    GPU-only failures before).
 # -v under xdist prints each test's outcome as it finishes, so a suite cut by its time limit
 # still names its failures.
@@ -143,7 +144,9 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
 torch.cuda.synchronize()
 print("embedding op under memcheck: ok")
 EOF
-if [ -n "$SAN" ]; then
+if [ "${GPU_CHECK_SANITIZER:-0}" != 1 ]; then
+    say "[sanitizer] skipped (GPU_CHECK_SANITIZER=1 runs it; the CUDA embedding kernels are unchanged since their clean memcheck at bc7518d)"
+elif [ -n "$SAN" ]; then
     step "sanitizer embedding op" 90 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$SNIPPET"
     if [ -f tests/test_embedding_cuda.py ] && grep -q "sanitizer" tests/test_embedding_cuda.py; then
         step "sanitizer test_embedding_cuda" 60 "$OUT/install.log" "$SAN" --tool memcheck --error-exitcode 1 \
@@ -179,15 +182,17 @@ sed -n '/^# \(train \)\?BERT-base B=\(32\|1\) S=\(128\|512 lengths 32..512\)\( (
     | tee -a "$SUMMARY"
 
 
-# 7. The rest of the suite, on the GPU machine.
+# 7. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
+#    on this machine's CPU, next to eager PyTorch, with fastbert's direct launches and with
+#    Triton's own (fastbert-triton-launch rows), and where the host time goes (cProfile, in
+#    bench.log).
+step "host cost" 50 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 100 --model --profile
+sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
+
+# 8. The rest of the suite, on the GPU machine.
 step "tests (rest, on GPU)" 120 "$OUT/tests.log" ${PYTEST/-n 8/-n 16} -m "not gpu"
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# 8. Host cost per op call (benchmarks/host.py): what an uncaptured forward and backward pay
-#    on this machine's CPU, next to eager PyTorch, and where each backward's host time goes
-#    (cProfile, in bench.log).
-step "host cost" 60 "$OUT/bench.log" $PY -m fastbert.benchmarks.host --calls 200 --model --profile
-sed -n '/^# host µs per call/,/^$/p;/^# host ms per call/,/^$/p' "$OUT/bench.log" | tee -a "$SUMMARY"
 
 
 say ""
