@@ -92,10 +92,24 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        # Not saved (persistent=False), as in HF; kept for code that reads them (tracing, ONNX export).
+        # Not saved (persistent=False), as in HF: the default positions and token types.
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
         self.register_buffer("token_type_ids", torch.zeros(1, config.max_position_embeddings, dtype=torch.long),
                              persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # The two buffers are constants that no state dict carries: after to_empty() (a model
+        # built on the meta device, then loaded) they would hold whatever the memory held.
+        out = super()._apply(fn, recurse)
+        for name, fill in (("position_ids", torch.arange), ("token_type_ids", None)):
+            buffer = getattr(self, name, None)
+            if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+                with torch.no_grad():
+                    if fill is None:
+                        buffer.zero_()
+                    else:
+                        buffer.copy_(fill(buffer.shape[-1], device=buffer.device).expand_as(buffer))
+        return out
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds=None):
         """Ids of any one shape (padded (B, S) or packed (T,)); returns that shape + (hidden,)."""
@@ -374,8 +388,8 @@ class BertModel(BertPreTrainedModel):
         if position_ids is None:
             position_ids = self.embeddings.position_ids[:, :seqlen]
         position_ids = position_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros((batch, seqlen), dtype=index_dtype, device=device)
+        if token_type_ids is None:  # zeros: a view of the buffer, nothing to allocate or fill
+            token_type_ids = self.embeddings.token_type_ids[:, :seqlen]
         token_type_ids = token_type_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
 
         dtype = inputs_embeds.dtype if inputs_embeds is not None else table.dtype

@@ -192,3 +192,24 @@ def test_to_device_lays_out_again(device):
     _, fb = _pair()
     fb.to(device, torch.float16 if device == "cuda" else torch.float64)
     assert all(_is_view(a) for a in _attentions(fb))
+
+
+def test_built_on_meta_then_to_empty_and_loaded():
+    """The big-model loading path: build on the meta device, to_empty(), load_state_dict.
+    The projections are laid out again, and the constant buffers (default positions and
+    token types, in no state dict) hold their values, not whatever the memory held."""
+    hf, ref = _pair()
+    with torch.device("meta"):
+        model = fastbert.BertModel(ref.config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    model.eval()
+    assert all(_is_view(a) for a in _attentions(model))
+    emb = model.embeddings
+    assert torch.equal(emb.position_ids, torch.arange(emb.position_ids.shape[-1])[None])
+    assert not emb.token_type_ids.any()
+    ids, _, mask = inputs(PADDINGS["mixed"])
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).last_hidden_state
+        theirs = hf(ids, attention_mask=mask).last_hidden_state
+    check("meta, to_empty, load", ours[mask.bool()], theirs[mask.bool()])
