@@ -2,12 +2,12 @@
 
 ``BertSelfAttention`` keeps Hugging Face's three ``nn.Linear`` projections (their parameter
 names, and every tool that wraps, hooks or replaces one of them). Their weights, and their
-biases, are laid end to end in one tensor each (:func:`place_side_by_side`): when the module is
-built, after every conversion that makes new tensors (``.to()``, ``.half()``…), after
-``load_state_dict``, a deep copy and unpickling. The (3H, H) weight and (3H,) bias of the fused GEMM are then views of the
-parameters themselves (:func:`fused_qkv`): free to take, never stale, whatever writes the
-parameters (an optimizer, ``p.data`` written in place by peft's merge or EMA code), and a CUDA
-graph that reads them reads the live weights. Where the parameters are not laid out so
+biases, are laid end to end in one tensor each (:func:`place_side_by_side`): when the module
+is built, after every conversion that makes new tensors (``.to()``, ``.half()``…), after
+``load_state_dict``, a deep copy and unpickling. The (3H, H) weight and (3H,) bias of the
+fused GEMM are then views of the parameters themselves (:func:`fused_qkv`): free to take,
+never stale, whatever writes the parameters (an optimizer, ``p.data`` written in place by
+peft's merge or EMA code), and a CUDA graph that reads them reads the live weights. Where the parameters are not laid out so
 (parameters replaced from outside, ``torch.func.functional_call``, FSDP's flat parameters,
 tensor subclasses), the fused weight is concatenated on every call, as it must be to stay
 current.
