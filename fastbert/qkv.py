@@ -7,10 +7,10 @@ is built, after every conversion that makes new tensors (``.to()``, ``.half()``â
 ``load_state_dict``, a deep copy and unpickling. The (3H, H) weight and (3H,) bias of the
 fused GEMM are then views of the parameters themselves (:func:`fused_qkv`): free to take,
 never stale, whatever writes the parameters (an optimizer, ``p.data`` written in place by
-peft's merge or EMA code), and a CUDA graph that reads them reads the live weights. Where the parameters are not laid out so
-(parameters replaced from outside, ``torch.func.functional_call``, FSDP's flat parameters,
-tensor subclasses), the fused weight is concatenated on every call, as it must be to stay
-current.
+peft's merge or EMA code), and a CUDA graph that reads them reads the live weights. Where
+the parameters are not laid out so (parameters replaced from outside,
+``torch.func.functional_call``, FSDP's flat parameters, tensor subclasses), the fused weight
+is concatenated on every call, as it must be to stay current.
 """
 
 from __future__ import annotations
