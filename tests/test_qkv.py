@@ -3,7 +3,9 @@ out side by side when a model is built, converted or loaded, read without a copy
 grad mode, and concatenated (correctly, if slower) wherever the layout is lost."""
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -135,6 +137,58 @@ def test_lost_layout_falls_back_to_a_copy():
     assert attention.place_qkv() and _is_view(attention)
     with torch.no_grad():
         assert torch.equal(twin(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state, changed)
+
+
+
+def test_layout_remembered_but_never_stale():
+    """fused_qkv remembers the last layout it found; a parameter whose memory is swapped under
+    the same object (``p.data = ...``: the same address with other strides, another shape,
+    another tensor) or replaced is seen on the next call, and a conversion lets the old
+    layout's memory go."""
+    hf, fb = _pair()
+    ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
+    real = mask.bool()
+
+    def compare(step):
+        with torch.no_grad():
+            check(step, fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state[real],
+                  hf(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state[real])
+    compare("remembered")
+    ours, theirs = _attentions(fb)[0], hf.encoder.layer[0].attention.self
+    with torch.no_grad():
+        # The same address, shape and dtype, transposed: the view of the old layout would be wrong.
+        ours.query.weight.data = ours.query.weight.data.t()
+        theirs.query.weight.data = theirs.query.weight.data.t().contiguous()
+    compare("query weight transposed in place")
+    ours.key.weight = nn.Parameter(ours.key.weight.detach() * 2)
+    theirs.key.weight = nn.Parameter(theirs.key.weight.detach() * 2)
+    compare("key weight replaced")
+    assert ours.place_qkv() and _is_view(ours)
+    compare("laid out again")
+    old = weakref.ref(ours.query.weight.untyped_storage())
+    fb.double(), hf.double()
+    gc.collect()
+    assert old() is None  # the old layout's memory is not held
+    compare("converted")
+
+
+def test_projections_without_a_bias():
+    """HF's projections run without a bias too (``key.bias = None``): the fused bias then has
+    zeros in its place, or is absent when no projection has one."""
+    hf, fb = _pair()
+    ids, tt, mask = inputs(PADDINGS["mixed"], types=3)
+    real = mask.bool()
+    for names in (("key",), ("query", "key", "value")):
+        for model in (hf, fb):
+            for name in names:
+                getattr(model.encoder.layer[1].attention.self, name).bias = None
+        for mode in (torch.no_grad, torch.enable_grad):
+            with mode():
+                ours = fb(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
+                theirs = hf(ids, token_type_ids=tt, attention_mask=mask).last_hidden_state
+            check(f"no bias on {names}, {mode.__name__}", ours[real], theirs[real])
+        ours[real].sum().backward()
+        assert fb.encoder.layer[1].attention.self.query.weight.grad is not None
 
 
 def test_pickled_model_and_shared_memory_keep_working():
