@@ -299,8 +299,8 @@ class BertPreTrainedModel(nn.Module):
         misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
                      for k in state if k in own and state[k].shape != own[k].shape]
 
-        def is_head(k):
-            return k.startswith(_OTHER_HEADS)
+        def is_head(k):  # a head's key, or the pooler's (which some heads leave out)
+            return k.removeprefix("bert.").startswith(_OTHER_HEADS)
         fatal_missing = missing if strict else [k for k in missing if not is_head(k)]
         fatal_unexpected = unexpected if strict else [k for k in unexpected if not is_head(k)]
         problems = []

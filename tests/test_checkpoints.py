@@ -102,6 +102,36 @@ def test_head_checkpoint_into_bert_model_and_bare_keys_into_head(tmp_path):
         fastbert.BertForSequenceClassification.from_pretrained(tmp_path / "bare", strict=True)
 
 
+
+def test_any_head_loads_any_other_heads_checkpoint(tmp_path):
+    """As in transformers: a pre-training checkpoint (with a pooler) fine-tunes into a head
+    without one (token tagging, QA, MLM) and the other way round; the encoder's weights
+    arrive whole, the pooler and other heads' weights are dropped or initialised, with a
+    warning."""
+    hf_saved = {}
+    for cls in CLASSES:
+        hf, _ = twins(cls, **CFG)
+        hf.save_pretrained(tmp_path / cls)
+        hf_saved[cls] = {k.removeprefix("bert."): v for k, v in hf.state_dict().items()
+                         if not k.startswith(("cls.", "classifier.", "qa_outputs.")) and "pooler" not in k}
+    for src in CLASSES:
+        for dst in CLASSES:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    theirs = getattr(transformers, dst).from_pretrained(tmp_path / src)
+                except RuntimeError:  # a classifier of another shape (multiple choice's one logit)
+                    with pytest.raises(CheckpointError, match="mis-shaped: .*classifier.weight"):
+                        getattr(fastbert, dst).from_pretrained(tmp_path / src)
+                    continue
+                ours = getattr(fastbert, dst).from_pretrained(tmp_path / src)
+            assert list(ours.state_dict()) == list(theirs.state_dict()), (src, dst)
+            for key, value in ours.state_dict().items():
+                bare = key.removeprefix("bert.")
+                if bare in hf_saved[src]:
+                    assert torch.equal(value, hf_saved[src][bare]), (src, dst, key)
+
+
 def test_legacy_gamma_beta_names(tmp_path):
     _, fb = twins("BertForMaskedLM", **CFG)
     state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
