@@ -15,7 +15,9 @@ from . import reference
 from .ops import implementation
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_checked_cu_seqlens: list = [None, -1, 0]  # the last cu_seqlens whose values were checked, its version, its longest sequence
+# The last cu_seqlens whose values were checked (or that fastbert built), its version, its
+# longest sequence and the token count it was checked against (None: built by fastbert).
+_checked_cu_seqlens: list = [None, -1, 0, None]
 
 
 def _fail(op: str, msg: str):
@@ -188,7 +190,9 @@ def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention") -> Optional[int]:
     """Raise a clear error unless ``cu_seqlens`` starts at 0, never decreases and ends at
     ``total``; return the longest sequence. Reads the values (a device sync), once per tensor
-    version; returns None without reading them under torch.compile or CUDA-graph capture."""
+    version and token count: again on every call for an inference tensor (no version counter
+    tells whether it was written since), unless fastbert built it. Returns None without
+    reading them under torch.compile or CUDA-graph capture."""
     if cu_seqlens.dtype != torch.int32:
         _fail(op, f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -197,8 +201,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
         return None
     # Inference tensors (torch.inference_mode) have no version counter: they are known by identity.
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    last, last_version, longest = _checked_cu_seqlens
-    if last is cu_seqlens and last_version == version:
+    last, last_version, longest, last_total = _checked_cu_seqlens
+    if last is cu_seqlens and last_version == version and (
+            last_total is None or (last_total == total and version is not None)):
         return longest
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -208,7 +213,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str = "attention"
     if values[-1] != total:
         _fail(op, f"cu_seqlens ends at {values[-1]} but there are {total} tokens")
     longest = max((b - a for a, b in zip(values, values[1:])), default=0)
-    _checked_cu_seqlens[:] = [cu_seqlens, version, longest]
+    _checked_cu_seqlens[:] = [cu_seqlens, version, longest, total]
     return longest
 
 
@@ -216,7 +221,7 @@ def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, longest: int) -> None:
     """Record ``cu_seqlens`` (whose longest sequence is ``longest``) as valid without reading
     it: for code that built it itself (the model's unpadding), so that no layer pays a device
     sync to check it."""
-    _checked_cu_seqlens[:] = [cu_seqlens, None if cu_seqlens.is_inference() else cu_seqlens._version, longest]
+    _checked_cu_seqlens[:] = [cu_seqlens, None if cu_seqlens.is_inference() else cu_seqlens._version, longest, None]
 
 
 def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0):
@@ -231,6 +236,7 @@ def attention(q, k, v, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     """
     op = "attention"
     _check_float(op, q=q, k=k, v=v)
+    cu_seqlens = _contiguous(cu_seqlens)
     max_seqlen = _check_attention(op, q, k, v, attention_mask, cu_seqlens, max_seqlen, dropout_p)
     return implementation(op, q.device, q.dtype)(q, k, v, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                                  scale=scale, dropout_p=dropout_p)
@@ -243,6 +249,7 @@ def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     tensor rather than as three that autograd then stacks (one copy of qkv fewer per call)."""
     op = "attention_qkv"
     _check_float(op, qkv=qkv)
+    cu_seqlens = _contiguous(cu_seqlens)
     want = 4 if cu_seqlens is not None else 5
     if qkv.dim() != want or qkv.shape[-3] != 3:
         layout = "(T, 3, H, D) when packed" if cu_seqlens is not None else "(B, S, 3, H, D) when padded"
@@ -258,6 +265,14 @@ def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
         max_seqlen = _check_packed(op, attention_mask, cu_seqlens, qkv.shape[0], max_seqlen)
     return implementation(op, qkv.device, qkv.dtype)(qkv, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                                      scale=scale, dropout_p=dropout_p)
+
+
+
+def _contiguous(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels read cu_seqlens with a unit stride (a strided view is copied)."""
+    if isinstance(cu_seqlens, torch.Tensor) and not cu_seqlens.is_contiguous():
+        return cu_seqlens.contiguous()
+    return cu_seqlens
 
 
 def _check_attention(op: str, q, k, v, attention_mask, cu_seqlens, max_seqlen, dropout_p) -> Optional[int]:

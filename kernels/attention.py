@@ -114,7 +114,8 @@ def _attn_fwd(
     sm_scale, dropout_p = tl.cast(sm_scale, tl.float32), tl.cast(dropout_p, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
-    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    # Packed, the log-sum-exp's head stride is the token count.
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, stride_lh, PACKED)
     if pid_m * BLOCK_M >= len_q:
         return
     b64, start64 = b.to(tl.int64), start.to(tl.int64)

@@ -35,11 +35,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED: tl.constexpr):
-    """(first row, query length, key length) of sequence ``b``."""
+def _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, total, PACKED: tl.constexpr):
+    """(first row, query length, key length) of sequence ``b``. Packed, the bounds are
+    clamped to the ``total`` rows: the host checks cu_seqlens, and whatever it holds, no
+    program reads or writes outside the tensors."""
     if PACKED:
-        start = tl.load(CuSeqlens + b)
-        len_q = tl.load(CuSeqlens + b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + b), 0), total)
+        len_q = tl.minimum(tl.maximum(tl.load(CuSeqlens + b + 1), start), total) - start
         len_k = len_q
     else:
         start = b * 0
@@ -121,7 +123,8 @@ def _attn_bwd(
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
-    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    # Packed, the log-sum-exp's head stride is the token count.
+    start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, stride_lh, PACKED)
     b64, start64 = b.to(tl.int64), start.to(tl.int64)
     q_base = Q + b64 * stride_qb + start64 * stride_qm + h * stride_qh
     k_base = K + b64 * stride_kb + start64 * stride_kn + h * stride_kh
