@@ -4,8 +4,10 @@ Names, arguments, outputs and losses are Hugging Face's.
 
 Per-token outputs (``logits``, ``prediction_logits``, ``start_logits``…) at padded
 positions come from the zero hidden states the unpadded encoder leaves there (see
-:class:`fastbert.BertModel`), where Hugging Face computes them; losses whose labels ignore
-padding (``-100``) are the same."""
+:class:`fastbert.BertModel`), where Hugging Face computes them. Losses are HF's: where one
+reads padded positions (question answering's, which normalises over every position, or a
+per-token loss with labels other than -100 at padding) the encoder runs padded for that
+call."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BertConfig
-from .modeling import BertModel, dense_activation
+from .modeling import BertModel, _capturing, _tracing, dense_activation
 from .outputs import (BertForPreTrainingOutput, MaskedLMOutput, MultipleChoiceModelOutput,
                       NextSentencePredictorOutput, QuestionAnsweringModelOutput,
                       SequenceClassifierOutput, TokenClassifierOutput, wants_dict)
@@ -104,10 +106,23 @@ class _WithMLMHead(BertPreTrainedModel):
 
 
 def _bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                 output_attentions, output_hidden_states, kwargs):
-    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+                 output_attentions, output_hidden_states, kwargs, padded: bool = False):
+    """BertModel's arguments; ``padded``: the loss reads padded positions, so run padded."""
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+               position_ids=position_ids, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+               output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+    if padded:
+        out["unpad"] = False
+    return out
+
+
+def _labels_at_padding(bert: BertModel, labels, attention_mask) -> bool:
+    """A per-token loss would read padded positions: ``labels`` other than -100 where the 2-D
+    mask is 0 (one small read from the device; skipped where the encoder runs padded anyway)."""
+    if (labels is None or attention_mask is None or attention_mask.dim() != 2 or not bert.unpad
+            or labels.numel() != attention_mask.numel() or _tracing() or _capturing(attention_mask.device)):
+        return False
+    return bool(((labels.reshape(attention_mask.shape) != -100) & (attention_mask == 0)).any())
 
 
 def _finish(out, return_dict, config):
@@ -131,7 +146,8 @@ class BertForPreTraining(_WithMLMHead):
                 labels=None, next_sentence_label=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                       output_attentions, output_hidden_states, kwargs))
+                                       output_attentions, output_hidden_states, kwargs,
+                                       _labels_at_padding(self.bert, labels, attention_mask)))
         prediction, relationship = self.cls(out.last_hidden_state, out.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:
@@ -150,7 +166,8 @@ class BertForMaskedLM(_WithMLMHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                       output_attentions, output_hidden_states, kwargs))
+                                       output_attentions, output_hidden_states, kwargs,
+                                       _labels_at_padding(self.bert, labels, attention_mask)))
         logits = self.cls(out.last_hidden_state)
         loss = None if labels is None else _ce(logits, labels)
         result = MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
@@ -234,7 +251,8 @@ class BertForTokenClassification(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                       output_attentions, output_hidden_states, kwargs))
+                                       output_attentions, output_hidden_states, kwargs,
+                                       _labels_at_padding(self.bert, labels, attention_mask)))
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None if labels is None else _ce(logits, labels)
         result = TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
@@ -245,10 +263,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     """Span extraction: start and end logits per token. Positions outside the sequence are
     clamped and ignored by the loss, as in HF.
 
-    HF's loss normalises over every position, padding included. On a padded batch the
-    default unpadded encoder gives the padded positions the logits of a zero hidden state
-    (the bias), so the loss differs slightly from HF's; set ``model.bert.unpad = False`` to
-    reproduce HF's loss exactly (tested)."""
+    HF's loss normalises over every position, padding included, so with positions given
+    the encoder runs padded (HF's logits everywhere); without them, unpadded."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -261,7 +277,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         out = self.bert(**_bert_kwargs(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                       output_attentions, output_hidden_states, kwargs))
+                                       output_attentions, output_hidden_states, kwargs,
+                                       padded=start_positions is not None and end_positions is not None))
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None

@@ -28,7 +28,8 @@ from .functional import mark_cu_seqlens_checked
 from .inputs import check_forward_kwargs, check_model_inputs
 from .outputs import BaseModelOutputWithPooling, wants_dict
 from .ops import load_kernels
-from .padding import Packing, pad, unpad, unpad_mask
+from .padding import Packing, pad, unpad_mask
+from .padding import unpad as gather_tokens
 from .qkv import fused_qkv, place_side_by_side
 from .pretrained import BertPreTrainedModel
 
@@ -339,9 +340,10 @@ class BertModel(BertPreTrainedModel):
     scale+mask+softmax, GEMM). A query row whose keys are all masked (a fully padded
     sequence) gets zero attention probabilities and zero outputs; HF spreads it uniformly.
 
-    ``unpad`` is skipped under ``torch.compile`` and CUDA-graph capture, where shapes must
-    not depend on the data; then the fused attention takes the key-padding mask instead
-    and padded positions hold values computed as in HF.
+    ``unpad`` (the attribute, or ``forward``'s keyword for one call) is skipped under
+    ``torch.compile`` and CUDA-graph capture, where shapes must not depend on the data; then
+    the fused attention takes the key-padding mask instead and padded positions hold values
+    computed as in HF. The heads run padded when their loss reads padded positions.
     """
 
     supports_gradient_checkpointing = True
@@ -369,8 +371,10 @@ class BertModel(BertPreTrainedModel):
         return packing
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                unpad: Optional[bool] = None, **kwargs):
         check_forward_kwargs(kwargs)
+        unpad = self.unpad if unpad is None else unpad
         config = self.config
         output_attentions = bool(getattr(config, "output_attentions", False) if output_attentions is None else output_attentions)
         output_hidden_states = bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
@@ -406,14 +410,14 @@ class BertModel(BertPreTrainedModel):
 
         if key_mask is not None and getattr(self, "static_packing", None) is not None:
             packing, key_mask = self._checked_static_packing(batch, seqlen), None
-        elif key_mask is not None and self.unpad and not _tracing() and not _capturing(device):
+        elif key_mask is not None and unpad and not _tracing() and not _capturing(device):
             packing = unpad_mask(key_mask)  # None without padding: no gather, no scatter
             if packing is not None and packing.leading_pad:
                 packing = None  # left padding: position 0 is a pad that the pooler reads, computed as HF does
             else:
                 key_mask = None
         if packing is not None:
-            ids = [None if t is None else unpad(t, packing) for t in (input_ids, token_type_ids, position_ids, inputs_embeds)]
+            ids = [None if t is None else gather_tokens(t, packing) for t in (input_ids, token_type_ids, position_ids, inputs_embeds)]
             hidden = self.embeddings(*ids)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
