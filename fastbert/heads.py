@@ -35,14 +35,17 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    """Transform, then the decoder whose weight is the word-embedding table (tied)."""
+    """Transform, then the decoder whose weight is the word-embedding table and whose bias is
+    ``bias`` (tied); with ``tie_word_embeddings=False`` the decoder has its own weight and
+    bias, as in transformers 5 (``bias`` is then unused, and both are saved)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
+        tied = getattr(config, "tie_word_embeddings", True)
+        self.decoder.bias = self.bias if tied else nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states):
         return self.decoder(self.transform(hidden_states))
@@ -80,23 +83,28 @@ class _WithMLMHead(BertPreTrainedModel):
     def tie_weights(self) -> None:
         if getattr(self.config, "tie_word_embeddings", True):
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+            self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
     def _resize_output(self, count: int, mean_resizing: bool) -> None:
-        head = self.cls.predictions
+        """As transformers 5 does: a tied decoder's bias (``bias``) gets zeros for the added
+        tokens; an untied decoder keeps its own rows of weight and bias (the added ones drawn
+        around their mean with ``mean_resizing``), and ``bias`` becomes its bias."""
+        head, decoder = self.cls.predictions, self.cls.predictions.decoder
         with torch.no_grad():
-            bias = resized_rows(head.bias, head.bias.new_zeros(count), mean_resizing)
-            head.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
-            decoder = head.decoder
-            if not getattr(self.config, "tie_word_embeddings", True):  # an untied decoder keeps its own rows
+            if getattr(self.config, "tie_word_embeddings", True):
+                bias = resized_rows(head.bias, head.bias.new_zeros(count), False)
+            else:
+                bias = resized_rows(decoder.bias, decoder.bias.new_zeros(count), mean_resizing)
                 fresh = nn.Linear(decoder.in_features, count, bias=False, device=decoder.weight.device,
                                   dtype=decoder.weight.dtype)
                 self._init_weights(fresh)
                 decoder.weight = nn.Parameter(resized_rows(decoder.weight, fresh.weight, mean_resizing),
                                               requires_grad=decoder.weight.requires_grad)
+            head.bias = nn.Parameter(bias, requires_grad=decoder.bias.requires_grad)
+            decoder.bias = head.bias
             decoder.out_features = count
 
     def _init_weights(self, module):

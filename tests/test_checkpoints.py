@@ -254,9 +254,17 @@ def test_untied_decoder_must_be_in_the_checkpoint(tmp_path):
     _, fb = twins("BertForMaskedLM", **cfg)
     fb.save_pretrained(tmp_path)
     assert "cls.predictions.decoder.weight" in load_file(tmp_path / "model.safetensors")
+    assert "cls.predictions.decoder.bias" in load_file(tmp_path / "model.safetensors")  # its own, as in HF 5
     loaded = fastbert.BertForMaskedLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.cls.predictions.decoder.weight, fb.cls.predictions.decoder.weight)
     assert loaded.cls.predictions.decoder.weight is not loaded.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():  # the untied biases differ: HF's load of this save reads the decoder's
+        fb.cls.predictions.decoder.bias.normal_()
+    fb.save_pretrained(tmp_path / "again")
+    theirs = transformers.BertForMaskedLM.from_pretrained(tmp_path / "again").eval()
+    ids, mask = _ids()
+    check("untied save into transformers", fb.eval()(ids, attention_mask=mask).logits[mask.bool()],
+          theirs(ids, attention_mask=mask).logits[mask.bool()])
     state = {k: v for k, v in fb.state_dict().items() if k != "cls.predictions.decoder.weight"}
     with pytest.raises(CheckpointError, match="cls.predictions.decoder.weight"):
         fastbert.BertForMaskedLM(fastbert.BertConfig(**cfg)).load_checkpoint_state(state, strict=True)

@@ -128,17 +128,25 @@ def test_mean_resizing_and_no_op():
     fb.resize_token_embeddings(103)
     new = fb.get_input_embeddings().weight.detach()
     torch.testing.assert_close(new[97:], old.mean(0).expand(6, -1), atol=1e-4, rtol=0)
-    torch.testing.assert_close(fb.cls.predictions.bias[97:].detach(), bias.mean().expand(6), atol=1e-4, rtol=0)
+    assert torch.equal(fb.cls.predictions.bias[:97], bias) and not fb.cls.predictions.bias[97:].any()  # as HF 5
 
 
 def test_resize_untied_decoder():
-    _, fb = twins("BertForMaskedLM", **config_kwargs("h32-4h-2l-relu", tie_word_embeddings=False))
+    """An untied decoder keeps its own weight and bias rows; transformers 5 draws the added
+    bias entries around the decoder bias's mean and makes ``bias`` the decoder's bias."""
+    hf, fb = twins("BertForMaskedLM", **config_kwargs("h32-4h-2l-relu", tie_word_embeddings=False))
+    with torch.no_grad():
+        for model in (hf, fb):
+            model.cls.predictions.decoder.bias.copy_(torch.linspace(-1, 2, 97))
     decoder = fb.cls.predictions.decoder.weight.detach().clone()
-    fb.resize_token_embeddings(120, mean_resizing=False)
+    for model in (hf, fb):
+        model.resize_token_embeddings(120)
     head = fb.cls.predictions.decoder
     assert head.weight.shape == (120, 32) and head.weight is not fb.get_input_embeddings().weight
     assert torch.equal(head.weight[:97], decoder)
-    assert head.weight.requires_grad
+    assert head.weight.requires_grad and head.bias.requires_grad
+    assert head.bias is fb.cls.predictions.bias and hf.cls.predictions.decoder.bias is hf.cls.predictions.bias
+    torch.testing.assert_close(head.bias, hf.cls.predictions.decoder.bias, atol=1e-6, rtol=0)
 
 
 def test_resize_errors_name_the_problem():
