@@ -28,8 +28,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     if os.path.isdir(path):
         for index in (SAFE_INDEX, TORCH_INDEX):
             if os.path.isfile(os.path.join(path, index)):
-                with open(os.path.join(path, index), encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                shards = _shards(os.path.join(path, index))
                 state: Dict[str, torch.Tensor] = {}
                 for shard in shards:
                     state.update(read_state_dict(os.path.join(path, shard)))
@@ -54,6 +53,20 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _shards(index: str) -> List[str]:
+    """The shard file names a sharded checkpoint's index lists (files beside it)."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"could not read the shard index {index}: {type(exc).__name__}: {exc}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"the shard index {index} names {shard!r}: shards are files beside the index")
+    return shards
 
 
 def shard_bytes(size: Union[int, str]) -> int:

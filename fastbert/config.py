@@ -85,6 +85,9 @@ class BertConfig:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        pad = self.pad_token_id
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or an id in [0, vocab_size={self.vocab_size}), got {pad!r}")
         if self.is_decoder or self.add_cross_attention:
             raise ValueError("fastbert implements BERT as an encoder: is_decoder and add_cross_attention must be False")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):

@@ -254,6 +254,8 @@ def attention_qkv(qkv, attention_mask=None, *, cu_seqlens=None, max_seqlen=None,
     if qkv.dim() != want or qkv.shape[-3] != 3:
         layout = "(T, 3, H, D) when packed" if cu_seqlens is not None else "(B, S, 3, H, D) when padded"
         _fail(op, f"qkv must be {layout}, got {tuple(qkv.shape)}")
+    if qkv.shape[-1] == 0:
+        _fail(op, f"the head dim must be at least 1, got qkv {tuple(qkv.shape)}")
     # q, k and v are parts of one tensor, so their dtypes, devices and shapes agree.
     _check_device(op, qkv, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
     _check_dropout(op, dropout_p)
@@ -280,6 +282,8 @@ def _check_attention(op: str, q, k, v, attention_mask, cu_seqlens, max_seqlen, d
     (computed for the packed layout when None)."""
     if not (q.dtype == k.dtype == v.dtype):
         _fail(op, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() and (q.shape[-1] == 0 or v.shape[-1] == 0):
+        _fail(op, f"head dims must be at least 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     _check_device(op, q, k=k, v=v, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
     _check_dropout(op, dropout_p)
     if cu_seqlens is None:

@@ -138,6 +138,14 @@ def _finish(out, return_dict, config):
 
 
 def _ce(logits, labels):
+    """Cross-entropy over class ids ``labels`` (-100 ignored), shaped like ``logits`` without
+    the class dimension, or flat; anything else would pair labels with the wrong rows."""
+    lead = tuple(logits.shape[:-1])
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    if labels.numel() != logits[..., 0].numel() or (labels.dim() > 1 and tuple(labels.shape[:len(lead)]) != lead):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(logits.shape)}: "
+                         f"use {lead} or flat")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
 
 
@@ -311,7 +319,12 @@ class BertForMultipleChoice(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        given, rank = (input_ids, 3) if input_ids is not None else (inputs_embeds, 4)
+        if given is not None and given.dim() != rank:
+            name = "input_ids" if rank == 3 else "inputs_embeds"
+            raise ValueError(f"{name} must be (batch, num_choices, seq_len{', hidden' if rank == 4 else ''}), "
+                             f"got shape {tuple(given.shape)}")
+        choices = given.shape[1] if given is not None else 0
 
         def flat(t, keep=1):
             return None if t is None else t.reshape(-1, *t.shape[-keep:])

@@ -4,7 +4,7 @@ Face keywords that fastbert does not implement are refused rather than ignored."
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -56,6 +56,8 @@ def check_model_inputs(config, device: torch.device, input_ids, inputs_embeds, a
         shape, given = tuple(inputs_embeds.shape[:2]), inputs_embeds
     if given.device != device:
         raise ValueError(f"the inputs are on {given.device} but the model is on {device}")
+    if shape[1] == 0:
+        raise ValueError(f"the input has no tokens (shape {shape}): a sequence needs at least one")
     if position_ids is None and shape[1] > config.max_position_embeddings:
         raise ValueError(f"sequence length {shape[1]} is longer than max_position_embeddings "
                          f"({config.max_position_embeddings}); truncate the input")
@@ -82,3 +84,29 @@ def check_model_inputs(config, device: torch.device, input_ids, inputs_embeds, a
             raise ValueError(f"attention_mask of shape {m} does not fit input of shape {shape}: use (batch, seq_len), "
                              "(batch, seq_len, seq_len) or (batch, 1|heads, 1|seq_len, seq_len)")
     return shape
+
+
+def embeds_in(inputs_embeds: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``inputs_embeds`` in the model's dtype when that holds them exactly (bf16 embeddings
+    into an fp32 model: what HF's sum with the position embeddings promotes them to); a
+    narrowing cast is the caller's to make."""
+    if inputs_embeds is None or inputs_embeds.dtype == dtype:
+        return inputs_embeds
+    if torch.promote_types(inputs_embeds.dtype, dtype) != dtype:
+        raise ValueError(f"inputs_embeds are {inputs_embeds.dtype} but the model is {dtype}: cast them "
+                         f"(inputs_embeds.to({dtype})) or the model")
+    return inputs_embeds.to(dtype)
+
+
+def full_ids(embeddings, input_ids, token_type_ids, position_ids, batch: int, seqlen: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, token_type_ids), each (batch, seq_len) in the index dtype of input_ids
+    (the kernels read the three alike). The defaults are views of the embeddings' constant
+    buffers, nothing allocated or filled; token types past the buffer's length (a sequence
+    longer than max_position_embeddings, with its own position ids) are zeros."""
+    index_dtype = input_ids.dtype if input_ids is not None else torch.long
+    if position_ids is None:
+        position_ids = embeddings.position_ids[:, :seqlen]
+    if token_type_ids is None:
+        buffered = embeddings.token_type_ids
+        token_type_ids = buffered[:, :seqlen] if seqlen <= buffered.shape[1] else buffered.new_zeros(1, seqlen)
+    return tuple(t.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen) for t in (position_ids, token_type_ids))

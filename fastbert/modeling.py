@@ -25,7 +25,7 @@ from torch import nn
 from . import functional as fb
 from .config import BertConfig
 from .functional import mark_cu_seqlens_checked
-from .inputs import check_forward_kwargs, check_model_inputs
+from .inputs import check_forward_kwargs, check_model_inputs, embeds_in, full_ids
 from .outputs import BaseModelOutputWithPooling, wants_dict
 from .ops import load_kernels
 from .padding import Packing, pad, unpad_mask
@@ -387,14 +387,8 @@ class BertModel(BertPreTrainedModel):
             device = (input_ids if input_ids is not None else inputs_embeds).device
         batch, seqlen = check_model_inputs(config, device, input_ids, inputs_embeds, attention_mask, token_type_ids,
                                            position_ids)
-        # One index dtype for the three id tensors (the kernels read them alike).
-        index_dtype = input_ids.dtype if input_ids is not None else torch.long
-        if position_ids is None:
-            position_ids = self.embeddings.position_ids[:, :seqlen]
-        position_ids = position_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
-        if token_type_ids is None:  # zeros: a view of the buffer, nothing to allocate or fill
-            token_type_ids = self.embeddings.token_type_ids[:, :seqlen]
-        token_type_ids = token_type_ids.to(index_dtype).reshape(-1, seqlen).expand(batch, seqlen)
+        inputs_embeds = embeds_in(inputs_embeds, table.dtype)
+        position_ids, token_type_ids = full_ids(self.embeddings, input_ids, token_type_ids, position_ids, batch, seqlen)
 
         dtype = inputs_embeds.dtype if inputs_embeds is not None else table.dtype
         key_mask = additive = packing = None

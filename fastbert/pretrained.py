@@ -355,6 +355,9 @@ class BertPreTrainedModel(nn.Module):
             path = os.path.join(path, subfolder)
         for key in HUB_LOADING_KWARGS:
             kwargs.pop(key, None)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint at {path}: fastbert loads a local directory (config.json and the "
+                                    "weights) or a weights file; fetch a Hub model first (huggingface_hub.snapshot_download)")
         if config is None:
             config_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
             config = BertConfig.from_pretrained(config_dir)

@@ -188,6 +188,10 @@ def test_invalid_cu_seqlens(cu, match):
         fb.attention(t, t, t, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE))
     with fastbert.use_backend("triton"), pytest.raises(ValueError, match="cu_seqlens must be int32"):
         fb.attention(t, t, t, cu_seqlens=torch.tensor([0, 9], device=DEVICE))
+    with pytest.raises(ValueError, match="head dims must be at least 1"):
+        fb.attention(*(randn(1, 3, H, 0),) * 3)
+    with pytest.raises(ValueError, match="the head dim must be at least 1"):
+        fb.attention_qkv(randn(1, 3, 3, H, 0))
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])

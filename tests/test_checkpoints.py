@@ -291,6 +291,8 @@ def test_damaged_files_give_a_checkpoint_error(fmt, damage, tmp_path):
 
 
 def test_missing_files_and_non_tensor_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint at {tmp_path / 'nope'}: fastbert loads a local"):
+        fastbert.BertModel.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
         fastbert.BertModel.from_pretrained(tmp_path)
     fastbert.BertConfig(**CFG).save_pretrained(tmp_path)
@@ -302,3 +304,15 @@ def test_missing_files_and_non_tensor_checkpoints(tmp_path):
     twins("BertModel", **CFG)[1].save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype must be a floating-point"):
         fastbert.BertModel.from_pretrained(tmp_path, dtype="int8")
+
+
+@pytest.mark.parametrize("index,match", [
+    ("{not json", "could not read the shard index"),
+    ('{"metadata": {}}', "could not read the shard index .*KeyError"),
+    ('{"weight_map": {"a": "../elsewhere.safetensors"}}', "shards are files beside the index"),
+])
+def test_bad_shard_index(index, match, tmp_path):
+    fastbert.BertConfig(**CFG).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=match):
+        fastbert.BertModel.from_pretrained(tmp_path)

@@ -65,6 +65,8 @@ def test_round_trips(tmp_path):
     (dict(is_decoder=True), "encoder"),
     (dict(add_cross_attention=True), "encoder"),
     (dict(problem_type="ranking"), "problem_type 'ranking'"),
+    (dict(vocab_size=10, pad_token_id=10), r"pad_token_id must be None or an id in \[0, vocab_size=10\), got 10"),
+    (dict(pad_token_id="0"), "pad_token_id must be None or an id"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

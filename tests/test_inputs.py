@@ -39,9 +39,12 @@ def _ids(b=2, s=7):
     (lambda ids: dict(inputs_embeds=torch.ones(2, 7, 32, dtype=torch.long)), r"inputs_embeds must be a floating-point tensor"),
     (lambda ids: dict(input_ids=ids, head_mask=torch.ones(2, 4)), r"does not support head_mask"),
     (lambda ids: dict(input_ids=ids, encoder_hidden_states=torch.randn(2, 7, 32)), r"does not support encoder_hidden_states"),
+    (lambda ids: dict(input_ids=ids[:, :0]), r"the input has no tokens \(shape \(2, 0\)\)"),
+    (lambda ids: dict(inputs_embeds=torch.randn(2, 7, 32, dtype=torch.float64)),
+     r"inputs_embeds are torch.float64 but the model is torch.float32"),
 ], ids=["id>=vocab", "id<0", "type>=types", "position>=max", "too-long", "mask-len", "mask-batch", "mask-heads",
         "float-ids", "list-ids", "1d-ids", "float-types", "types-shape", "positions-batch", "both", "neither",
-        "embeds-width", "embeds-dtype", "head_mask", "decoder"])
+        "embeds-width", "embeds-dtype", "head_mask", "decoder", "no-tokens", "embeds-wider"])
 def test_bad_input_raises_a_clear_value_error(model, bad, match):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=match):
@@ -68,6 +71,30 @@ def test_heads_check_inputs_too():
     head = fastbert.BertForTokenClassification(fastbert.BertConfig(**CFG)).eval()
     with pytest.raises(ValueError, match="input_ids contains 200"):
         head(torch.full((1, 4), 200))
+    ids = _ids()
+    with pytest.raises(ValueError, match="labels must be integer class ids, got torch.float32"):
+        head(ids, labels=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"labels of shape \(7, 2\) do not fit logits of shape \(2, 7, 2\)"):
+        head(ids, labels=torch.zeros(7, 2, dtype=torch.long))  # transposed: would pair labels with other tokens
+    assert head(ids, labels=torch.zeros(14, dtype=torch.long)).loss is not None  # flat, as HF takes them
+    choice = fastbert.BertForMultipleChoice(fastbert.BertConfig(**CFG)).eval()
+    for shape in ((2, 7), (1, 2, 3, 7)):
+        with pytest.raises(ValueError, match=r"input_ids must be \(batch, num_choices, seq_len\)"):
+            choice(torch.randint(1, 97, shape))
+
+
+def test_narrower_embeddings_and_long_sequences_with_own_positions():
+    """bf16 inputs_embeds into an fp32 model are widened exactly (HF's sum promotes them);
+    a sequence longer than max_position_embeddings runs with its own position ids, its token
+    types zeros past the model's buffer, as in HF."""
+    from hf_bert import check, twins
+    hf, fb = twins("BertModel", **CFG)
+    hf.eval(), fb.eval()
+    embeds = torch.randn(2, 7, 32).bfloat16()
+    check("bf16 embeds", fb(inputs_embeds=embeds).last_hidden_state, hf(inputs_embeds=embeds).last_hidden_state)
+    ids, positions = _ids(1, 30), (torch.arange(30) % 24)[None]
+    check("30 tokens, own positions", fb(ids, position_ids=positions).last_hidden_state,
+          hf(ids, position_ids=positions).last_hidden_state)
 
 
 @pytest.mark.gpu
