@@ -63,8 +63,8 @@ def softmax_mask(scores, mask=None, scale=1.0, dropout_p=0.0):
         masked = mask <= masked_value(mask.dtype)
         s = (s + _acc(mask)).masked_fill(masked, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = p.masked_fill(torch.isnan(p), 0.0)  # rows with every key masked
+    if mask is not None:  # rows with every key masked (a NaN score still gives a NaN row)
+        p = p.masked_fill(masked.all(-1, keepdim=True), 0.0)
     return F.dropout(p, dropout_p, training=dropout_p > 0).to(scores.dtype)
 
 

@@ -7,6 +7,7 @@ import torch
 
 import fastbert
 from fastbert import functional as fb
+from fastbert import reference
 from fastbert.kernels import layernorm as kernels
 from test_layernorm import assert_compiles_for_hopper, hopper_config
 from utils import ATOL, DEVICE, DTYPES, assert_lowp_close, dtype_params, randn
@@ -113,6 +114,17 @@ def test_non_contiguous_scores_and_broadcast_gradient():
 def test_empty_input():
     out, ds = run("triton", randn(0, 3, 5, 5), None, randn(0, 3, 5, 5), torch.float32)
     assert out.shape == ds.shape == (0, 3, 5, 5)
+
+
+def test_reference_keeps_nan_and_zeroes_fully_masked_rows():
+    """The eager reference gives zeros only to rows whose every key is masked; a NaN score
+    stays visible (a NaN row), as softmax gives it without a mask."""
+    scores = torch.randn(1, 1, 3, 4)
+    scores[0, 0, 0, 1] = float("nan")
+    mask = torch.zeros(1, 1, 3, 4)
+    mask[0, 0, 2] = torch.finfo(torch.float32).min
+    p = reference.softmax_mask(scores, mask)
+    assert p[0, 0, 0].isnan().all() and torch.isfinite(p[0, 0, 1]).all() and not p[0, 0, 2].any()
 
 
 def test_refuses_what_it_cannot_run():
