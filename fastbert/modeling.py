@@ -26,7 +26,7 @@ from . import functional as fb
 from .config import BertConfig
 from .functional import mark_cu_seqlens_checked
 from .inputs import check_forward_kwargs, check_model_inputs, embeds_in, full_ids
-from .outputs import BaseModelOutputWithPooling, wants_dict
+from .outputs import BaseModelOutputWithPoolingAndCrossAttentions, wants_dict
 from .ops import load_kernels
 from .padding import Packing, pad, unpad_mask
 from .padding import unpad as gather_tokens
@@ -421,10 +421,10 @@ class BertModel(BertPreTrainedModel):
             sequence = pad(sequence, packing)
             all_hidden = None if all_hidden is None else [pad(h, packing) for h in all_hidden]
         pooled = self.pooler(sequence) if self.pooler is not None else None
-        out = BaseModelOutputWithPooling(
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence, pooler_output=pooled,
             hidden_states=None if all_hidden is None else tuple(all_hidden),
-            attentions=None if all_probs is None else tuple(all_probs))
+            attentions=None if all_probs is None else tuple(all_probs), cross_attentions=None if all_probs is None else ())
         return out if return_dict else out.to_tuple()
 
 

@@ -94,11 +94,18 @@ Ts = Optional[Tuple[torch.Tensor, ...]]
 
 
 @dataclass
-class BaseModelOutputWithPooling(ModelOutput):
+class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
+    """BertModel's output, with transformers 5's fields: an encoder has no ``cache``, and its
+    ``cross_attentions`` are an empty tuple when attentions are asked for (as HF returns)."""
     last_hidden_state: T = None
     pooler_output: T = None
     hidden_states: Ts = None
+    cache: Any = None
     attentions: Ts = None
+    cross_attentions: Ts = None
+
+
+BaseModelOutputWithPooling = BaseModelOutputWithPoolingAndCrossAttentions  # the earlier name
 
 
 @dataclass

@@ -67,6 +67,13 @@ def test_outputs_index_like_transformers():
     leaves, spec = torch.utils._pytree.tree_flatten(f)
     again = torch.utils._pytree.tree_unflatten(leaves, spec)
     assert again.keys() == f.keys() and again["input_ids"] is ids
+    for attentions in (False, True):  # BertModel's fields: transformers 5 adds empty cross_attentions
+        for hidden in (False, True):
+            kw = dict(attention_mask=mask, output_attentions=attentions, output_hidden_states=hidden)
+            ours, theirs = fb.bert(ids, **kw), hf.bert(ids, **kw)
+            assert type(ours).__name__ == type(theirs).__name__ and list(ours.keys()) == list(theirs.keys())
+            assert len(fb.bert(ids, return_dict=False, **kw)) == len(hf.bert(ids, return_dict=False, **kw))
+            assert ours.cache is None and ours.cross_attentions == theirs.cross_attentions
 
 
 def test_config_switches_outputs():
