@@ -106,7 +106,9 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
 
 
 def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
-    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, statistics in fp32."""
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, statistics in fp32; the
+    result in the wider of x's and residual's dtypes (an fp32 residual stream stays fp32
+    under autocast, as in HF)."""
     op = "add_layernorm"
     _check_float(op, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
     if residual.shape != x.shape:

@@ -35,10 +35,12 @@ def embedding(input_ids, token_type_ids, position_ids, word_weight, position_wei
 
 
 def add_layernorm(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0):
-    """LN(dropout(x + x_bias) + residual) over the last dim."""
+    """LN(dropout(x + x_bias) + residual) over the last dim, in the wider of x's and the
+    residual's dtypes (under autocast a bf16 GEMM output joins an fp32 residual stream, which
+    stays fp32, as ``x + residual`` then LayerNorm keep it in HF)."""
     h = _acc(x) if x_bias is None else _acc(x) + _acc(x_bias)
     h = F.dropout(h, dropout_p, training=dropout_p > 0) + _acc(residual)
-    return F.layer_norm(h, weight.shape, _acc(weight), _acc(bias), eps).to(x.dtype)
+    return F.layer_norm(h, weight.shape, _acc(weight), _acc(bias), eps).to(torch.promote_types(x.dtype, residual.dtype))
 
 
 def bias_gelu(x, bias, approximate="none"):

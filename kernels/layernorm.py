@@ -319,7 +319,7 @@ def _launch_forward(x, residual, weight, bias, eps, x_bias, dropout_p, seed, sta
     m = math.prod(x.shape[:-1])
     check_inputs("add_layernorm", n, x, residual, weight, bias, x_bias)
     check_dropout("add_layernorm", dropout_p, m * n, seed)
-    y = new_empty(x.shape, x.dtype, x.device)
+    y = new_empty(x.shape, torch.promote_types(x.dtype, residual.dtype), x.device)  # as the reference
     mean = new_empty(m, torch.float32, x.device) if stats else None
     rstd = new_empty(m, torch.float32, x.device) if stats else None
     if m == 0 or n == 0:

@@ -47,8 +47,9 @@ def check_parity(master, dtypes, dy, atol):
     same, same_grads = run("eager", master, dtypes, dy)
     # float64 copies of the very inputs the kernel saw (rounded to their dtypes)
     rounded = {k: None if v is None else v.to(dtypes[k]) for k, v in master.items()}
-    ref, ref_grads = run("eager", rounded, {k: torch.float64 for k in master}, dy.to(dtypes["x"]))
-    assert out.dtype == dtypes["x"]
+    out_dtype = torch.promote_types(dtypes["x"], dtypes["residual"])  # an fp32 residual stream stays fp32
+    ref, ref_grads = run("eager", rounded, {k: torch.float64 for k in master}, dy.to(out_dtype))
+    assert out.dtype == same.dtype == out_dtype
     assert_lowp_close(out, same, ref, atol)
     rows = dy.numel() // dy.shape[-1]
     for k, g in grads.items():

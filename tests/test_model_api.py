@@ -103,3 +103,20 @@ def test_input_and_output_embeddings_accessors():
     new = torch.nn.Embedding(97, 32, padding_idx=0)
     fb.bert.set_input_embeddings(new)
     assert fb.bert.embeddings.word_embeddings is new
+
+
+def test_autocast_keeps_hf_dtypes_and_accuracy():
+    """Under bf16 autocast HF's residual stream stays fp32 (the GEMMs run in bf16, the
+    LayerNorms in fp32), and so does fastbert's: the same output dtype, and an error against
+    the fp32 forward no larger than HF's own (a bf16 stream was ~7x HF's)."""
+    hf, fb = twins("BertModel", **config_kwargs("h32-4h-2l-relu"))
+    hf.eval(), fb.eval()
+    ids, tt, mask = inputs(PADDINGS["mixed"])
+    real = mask.bool()
+    with torch.no_grad():
+        exact = hf(ids, attention_mask=mask).last_hidden_state[real]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, theirs = (m(ids, attention_mask=mask).last_hidden_state for m in (fb, hf))
+    assert ours.dtype == theirs.dtype == torch.float32
+    ours_err, theirs_err = ((o[real] - exact).abs().max().item() for o in (ours, theirs))
+    assert ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
