@@ -31,6 +31,18 @@ _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", F
 TextInput = Union[str, Sequence[str]]
 
 
+def _read_json(file: str) -> Dict[str, Any]:
+    """A JSON object from ``file``; a clear error naming the file otherwise."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"could not read {file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return data
+
+
 def _special_token(value) -> Optional[str]:
     # tokenizer_config.json may hold a special token as a string or as an AddedToken dict.
     return value.get("content") if isinstance(value, dict) else value
@@ -81,9 +93,12 @@ class BertTokenizer(Vocabulary):
             raise FileNotFoundError(f"no vocab file at {vocab_file}")
         # One token per line, its id the line number (a repeated token keeps its last line), as in HF.
         vocab: Dict[str, int] = {}
-        with open(vocab_file, encoding="utf-8") as f:
-            for index, line in enumerate(f):
-                vocab[line.rstrip("\n")] = index
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                for index, line in enumerate(f):
+                    vocab[line.rstrip("\n")] = index
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{vocab_file} is not UTF-8 text: {exc}") from None
         if not vocab:
             raise ValueError(f"{vocab_file} holds no tokens")
         unk = self.special_tokens["unk_token"]
@@ -128,8 +143,7 @@ class BertTokenizer(Vocabulary):
         for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    data = json.load(f)
+                data = _read_json(file)
                 for key in SPECIAL_DEFAULTS:
                     if data.get(key) is not None:
                         settings[key] = _special_token(data[key])
@@ -146,7 +160,11 @@ class BertTokenizer(Vocabulary):
         tokenizer_file = os.path.join(path, TOKENIZER_FILE)
         if os.path.isfile(tokenizer_file):
             settings.pop("tokenize_chinese_chars", None)
-            return cls(tokenizer_object=Tokenizer.from_file(tokenizer_file), **settings)
+            try:
+                tokenizer_object = Tokenizer.from_file(tokenizer_file)
+            except Exception as exc:  # the tokenizers library raises a bare Exception
+                raise ValueError(f"could not read {tokenizer_file}: {exc}") from None
+            return cls(tokenizer_object=tokenizer_object, **settings)
         vocab_file = os.path.join(path, VOCAB_FILE)
         if os.path.isfile(vocab_file):
             return cls._from_vocab_dir(vocab_file, os.path.join(path, ADDED_TOKENS), settings)
@@ -158,8 +176,7 @@ class BertTokenizer(Vocabulary):
         extras = list(settings.pop("additional_special_tokens", ()))
         tok = cls(vocab_file, **settings)
         if os.path.isfile(added_file):
-            with open(added_file, encoding="utf-8") as f:
-                added = json.load(f)
+            added = _read_json(added_file)
             for token, index in sorted(added.items(), key=lambda kv: kv[1]):
                 tok.add_tokens([token], special_tokens=token in extras)
                 if tok._tok.token_to_id(token) != index:

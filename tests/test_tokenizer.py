@@ -217,6 +217,18 @@ def test_bad_input_is_named(tiny, tmp_path):
         ours.convert_ids_to_tokens([10_000])
 
 
+@pytest.mark.parametrize("name,content", [
+    ("tokenizer_config.json", "{not json"), ("tokenizer_config.json", "[1, 2]"), ("added_tokens.json", "{oops"),
+    ("tokenizer.json", '{"version": 1}'), ("vocab.txt", b"[UNK]\n\xff\xfe\n"),
+], ids=["config-json", "config-list", "added-json", "tokenizer-json", "vocab-bytes"])
+def test_damaged_files_are_named(name, content, tiny, tmp_path):
+    (tmp_path / "vocab.txt").write_text((open(os.path.join(tiny[0], "vocab.txt"), encoding="utf-8").read()))
+    target = tmp_path / name
+    target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+    with pytest.raises(ValueError, match=f"{name}"):
+        BertTokenizer.from_pretrained(tmp_path)
+
+
 QUESTIONS = ["What is the capital?", "Who wrote it?", "Where?"]
 CONTEXTS = ["Paris is the capital of France, and it is a big city with many museums and old streets. " * 3,
             "Nobody knows.", "Ünïcödé 東京 and café-au-lait, " * 6]
