@@ -255,6 +255,10 @@ class BertTokenizer(Vocabulary):
             raise ValueError("stride sets the overlap of the windows that truncation cuts; pass truncation too")
         if strategy is not None and stride >= max_length:
             raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
+        special = (3 if pairs is not None else 2) if add_special_tokens else 0  # [CLS] A [SEP] (B [SEP])
+        if strategy is not None and max_length < special:
+            raise ValueError(f"max_length={max_length} is shorter than the {special} special tokens alone: "
+                             "the input could not be truncated to it")
         encodings = self._encode(texts, pairs, add_special_tokens, strategy, max_length, stride, is_split_into_words)
         sample = list(range(len(encodings)))
         if return_overflowing_tokens:  # each input's windows follow it, as in Hugging Face's fast tokenizers

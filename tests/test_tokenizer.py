@@ -202,6 +202,11 @@ def test_bad_input_is_named(tiny, tmp_path):
         ours(TINY_TEXTS, padding=True, packed=True)
     with pytest.raises(ValueError, match="max_length"):
         ours(TINY_TEXTS, truncation=True, max_length=0)
+    with pytest.raises(ValueError, match="max_length=1 is shorter than the 2 special tokens alone"):
+        ours(TINY_TEXTS, truncation=True, max_length=1)  # would come back untruncated
+    with pytest.raises(ValueError, match="max_length=2 is shorter than the 3 special tokens alone"):
+        ours(TINY_TEXTS, TINY_PAIRS, truncation=True, max_length=2)
+    assert {len(ids) for ids in ours(TINY_TEXTS, truncation=True, max_length=2)["input_ids"]} == {2}
     with pytest.raises(ValueError, match="max_length"):
         ours(TINY_TEXTS, TINY_PAIRS, truncation="only_first", max_length=4)
     with pytest.raises(ValueError, match="one string per text"):
