@@ -74,6 +74,8 @@ def check_model_inputs(config, device: torch.device, input_ids, inputs_embeds, a
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.is_complex():
+            raise ValueError(f"attention_mask must be bool, integer or floating point, got {attention_mask.dtype}")
         if attention_mask.device != device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
         m, (b, s) = tuple(attention_mask.shape), shape

@@ -40,11 +40,13 @@ def _ids(b=2, s=7):
     (lambda ids: dict(input_ids=ids, head_mask=torch.ones(2, 4)), r"does not support head_mask"),
     (lambda ids: dict(input_ids=ids, encoder_hidden_states=torch.randn(2, 7, 32)), r"does not support encoder_hidden_states"),
     (lambda ids: dict(input_ids=ids[:, :0]), r"the input has no tokens \(shape \(2, 0\)\)"),
+    (lambda ids: dict(input_ids=ids, attention_mask=torch.ones(2, 7, dtype=torch.complex64)),
+     r"attention_mask must be bool, integer or floating point, got torch.complex64"),
     (lambda ids: dict(inputs_embeds=torch.randn(2, 7, 32, dtype=torch.float64)),
      r"inputs_embeds are torch.float64 but the model is torch.float32"),
 ], ids=["id>=vocab", "id<0", "type>=types", "position>=max", "too-long", "mask-len", "mask-batch", "mask-heads",
         "float-ids", "list-ids", "1d-ids", "float-types", "types-shape", "positions-batch", "both", "neither",
-        "embeds-width", "embeds-dtype", "head_mask", "decoder", "no-tokens", "embeds-wider"])
+        "embeds-width", "embeds-dtype", "head_mask", "decoder", "no-tokens", "embeds-wider", "complex-mask"])
 def test_bad_input_raises_a_clear_value_error(model, bad, match):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=match):
