@@ -118,3 +118,17 @@ def test_bad_input_is_named():
         _collator(mlm_probability=0.0)
     with pytest.raises(ValueError, match="tokenizer"):
         MLMCollator(pad_token_id=0)
+
+
+
+def test_examples_padded_already_keep_their_mask():
+    """Rows that arrive padded (a tokenizer's padding="max_length") keep their attention
+    mask, and their padding is never chosen for prediction."""
+    rows = []
+    for example in _examples(6, max_len=20):
+        n = len(example["input_ids"])
+        ids = torch.cat([example["input_ids"], torch.full((24 - n,), PAD)])
+        rows.append({"input_ids": ids, "attention_mask": (torch.arange(24) < n).long(), "index": example["index"]})
+    batch = _collator(mlm_probability=0.9, seed=0)(rows)
+    assert torch.equal(batch["attention_mask"], torch.stack([r["attention_mask"] for r in rows]))
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()

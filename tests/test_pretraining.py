@@ -178,7 +178,7 @@ def _one_thread():
 def _trainer(tmp_path, tokenizer, dataset, config, **kw):
     torch.manual_seed(0)
     model = BertForPreTraining(config)
-    args = TrainingArguments(output_dir=str(tmp_path), progress=False, device="cpu", **kw)
+    args = TrainingArguments(**{"output_dir": str(tmp_path), "progress": False, "device": "cpu", **kw})
     return Trainer(model, dataset, MLMCollator(tokenizer, seed=args.seed), args, tokenizer=tokenizer)
 
 
@@ -288,3 +288,69 @@ def test_the_trainer_checks_ids_against_the_model(tmp_path, tokenizer, dataset):
     trainer = _trainer(tmp_path, tokenizer, dataset, small, max_steps=2, batch_size=8)
     with pytest.raises(ValueError, match=rf"input_ids contains \d+, outside the model's range \[0, {len(tokenizer) // 2}\)"):
         trainer.train()
+
+
+# -- arguments, schedule, resume and divergence ----------------------------------------------
+@pytest.mark.parametrize("bad,match", [
+    (dict(learning_rate=float("inf")), "learning_rate must be positive and finite"),
+    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm must be >= 0"),  # would scale every gradient by a negative factor
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be >= 0"),
+    (dict(device="foo"), "device 'foo' is not a device torch knows"),
+] + ([] if torch.cuda.is_available() else [(dict(device="cuda"), "sees no CUDA GPU")]))
+def test_training_arguments_refused(bad, match, tmp_path, tokenizer, dataset):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, tokenizer, dataset, _tiny_config(len(tokenizer)), **bad)
+
+
+def test_schedule_is_transformers_linear_warmup():
+    from fastbert.training.trainer import linear_schedule
+    from transformers import get_linear_schedule_with_warmup
+    rates = []
+    for make in (linear_schedule, get_linear_schedule_with_warmup):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = make(opt, 3, 10)
+        rates.append([])
+        for _ in range(10):
+            rates[-1].append(schedule.get_last_lr()[0])
+            opt.step(), schedule.step()
+    assert rates[0] == rates[1] and rates[0][:4] == [0.0, 1 / 3, 2 / 3, 1.0]
+    with pytest.warns(UserWarning, match="never reaches its peak"):
+        TrainingArguments(output_dir="x", max_steps=2, warmup_steps=5)
+
+
+def test_resume_refuses_other_data_or_batch_settings(tmp_path, tokenizer, dataset):
+    config = _tiny_config(len(tokenizer))
+    _trainer(tmp_path / "run", tokenizer, dataset, config, max_steps=2, batch_size=8).train()
+    for changed, match in ((dict(batch_size=4), "batch_size 8 -> 4"), (dict(seed=7), "seed 42 -> 7")):
+        trainer = _trainer(tmp_path / "again", tokenizer, dataset, config, max_steps=4, **{"batch_size": 8, **changed})
+        with pytest.raises(ValueError, match=match):
+            trainer.train(resume_from=str(tmp_path / "run"))
+    other = PretrainingDataset.from_corpus(CORPUS, tokenizer, max_seq_length=24, dupe_factor=3, seed=1)
+    with pytest.raises(ValueError, match="examples"):
+        _trainer(tmp_path / "again", tokenizer, other, config, max_steps=4, batch_size=8).train(
+            resume_from=str(tmp_path / "run"))
+
+
+def test_a_diverged_loss_stops_the_run(tmp_path, tokenizer, dataset, monkeypatch):
+    trainer = _trainer(tmp_path, tokenizer, dataset, _tiny_config(len(tokenizer)), max_steps=3, batch_size=8,
+                       logging_steps=1)
+    real = trainer.objective.forward
+    monkeypatch.setattr(trainer.objective, "forward", lambda *a: tuple(x * float("nan") for x in real(*a)))
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 1"):
+        trainer.train()
+    assert not os.path.isfile(tmp_path / "model.safetensors")  # no diverged model written
+
+
+def test_cli_errors_and_init_from_config(tmp_path, tokenizer):
+    from fastbert.cli import main
+    tokenizer.save_pretrained(tmp_path / "tok")
+    base = ["pretrain", "--tokenizer", str(tmp_path / "tok"), "--corpus", CORPUS, "--max-seq-length", "32",
+            "--batch-size", "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    (tmp_path / "file").write_text("")
+    assert main(base + ["--output-dir", str(tmp_path / "file")]) == 2
+    assert main(base + ["--output-dir", str(tmp_path / "o"), "--resume", str(tmp_path / "nowhere")]) == 2
+    assert main(base + ["--output-dir", str(tmp_path / "o"), "--dupe-factor", "0"]) == 2
+    assert main(base + ["--output-dir", str(tmp_path / "small"), "--config", "mini"]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "more"), "--init-from", str(tmp_path / "small")]) == 0
+    assert BertConfig.from_pretrained(tmp_path / "more").num_hidden_layers == 4  # the checkpoint's, not tiny's

@@ -56,15 +56,15 @@ def model_config(name_or_path: Union[str, os.PathLike, BertConfig], vocab_size: 
     return config
 
 
-def pretrain(corpus: Union[str, Sequence[str]], tokenizer, output_dir: str, config="tiny", *,
+def pretrain(corpus: Union[str, Sequence[str]], tokenizer, output_dir: str, config=None, *,
              max_seq_length: int = 128, short_seq_prob: float = 0.1, dupe_factor: int = 1,
              mlm_probability: float = 0.15, init_from: Optional[str] = None, resume: Optional[str] = None,
              backend: Optional[str] = None, **training) -> tuple:
     """Pre-train a BertForPreTraining; returns ``(model, history)``.
 
     ``tokenizer``: a :class:`fastbert.BertTokenizer` or a directory for one. ``config``: a
-    size name, a config.json or a BertConfig. ``init_from``: start from a checkpoint's
-    weights. ``resume``: continue a run from a checkpoint directory. Other keyword arguments
+    size name, a config.json or a BertConfig (default: ``init_from``'s config, else "tiny").
+    ``init_from``: start from a checkpoint's weights. ``resume``: continue a run from a checkpoint directory. Other keyword arguments
     are :class:`~fastbert.training.trainer.TrainingArguments` fields (``max_steps``,
     ``batch_size``, ``learning_rate``…).
     """
@@ -72,9 +72,15 @@ def pretrain(corpus: Union[str, Sequence[str]], tokenizer, output_dir: str, conf
     from ..heads import BertForPreTraining
     from ..tokenizer import BertTokenizer
 
+    if os.path.isfile(output_dir):
+        raise ValueError(f"output_dir {output_dir} is a file; checkpoints need a directory")
+    if resume is not None and not os.path.isdir(resume):
+        raise FileNotFoundError(f"no checkpoint directory at {resume} to resume from")
     if not isinstance(tokenizer, BertTokenizer):
         tokenizer = BertTokenizer.from_pretrained(tokenizer)
     args = TrainingArguments(output_dir=output_dir, **training)
+    if config is None:
+        config = init_from if init_from is not None else "tiny"
     if backend is not None:
         _backend.set_backend(backend)
     config = model_config(config, vocab_size=len(tokenizer))
@@ -91,7 +97,8 @@ def pretrain(corpus: Union[str, Sequence[str]], tokenizer, output_dir: str, conf
     trainer = Trainer(model, dataset, collator, args, tokenizer=tokenizer)
     if trainer.is_main:
         print(f"fastbert pretrain: {model.num_parameters():,} parameters, {len(dataset):,} examples "
-              f"({dataset.num_tokens():,} tokens), {trainer.world_size} process(es) on {trainer.device}, "
+              f"({dataset.num_tokens():,} tokens, B from another document in {dataset.random_next_share():.0%}), "
+              f"{trainer.world_size} process(es) on {trainer.device}, "
               f"bf16 {'on' if trainer.bf16 else 'off'}", file=sys.stderr)
     history = trainer.train(resume_from=resume)
     return model, history
@@ -100,12 +107,14 @@ def pretrain(corpus: Union[str, Sequence[str]], tokenizer, output_dir: str, conf
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainingArguments(output_dir="")
     p = parser.add_argument
-    p("--config", default="tiny", help=f"model size ({', '.join(MODEL_SIZES)}) or a config.json (default: tiny)")
+    p("--config", default=None, help=f"model size ({', '.join(MODEL_SIZES)}) or a config.json "
+      "(default: --init-from's config, else tiny)")
     p("--tokenizer", required=True, help="directory with tokenizer.json or vocab.txt, or a vocab file")
     p("--corpus", required=True, nargs="+", help="text files: one sentence per line, blank line between documents")
     p("--output-dir", required=True, help="where checkpoints and the final model go")
     p("--max-seq-length", type=int, default=128)
-    p("--short-seq-prob", type=float, default=0.1, help="share of examples with a shorter random length")
+    p("--short-seq-prob", type=float, default=0.1,
+      help="chance that a document's examples get a shorter random length (BERT's create_pretraining_data)")
     p("--dupe-factor", type=int, default=1, help="passes over the corpus with different pairings")
     p("--mlm-probability", type=float, default=0.15)
     p("--max-steps", type=int, default=d.max_steps)
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                               max_seq_length=args.max_seq_length, short_seq_prob=args.short_seq_prob,
                               dupe_factor=args.dupe_factor, mlm_probability=args.mlm_probability,
                               init_from=args.init_from, resume=args.resume, backend=args.backend, **training)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"fastbert pretrain: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -109,7 +109,8 @@ class MLMCollator:
             masked, row_labels = self.mask_tokens(ids, self._generator_for(example))
             input_ids[row, :n] = masked
             labels[row, :n] = row_labels
-            attention_mask[row, :n] = 1
+            given = example.get("attention_mask")  # an example padded already keeps its padding
+            attention_mask[row, :n] = 1 if given is None else torch.as_tensor(given, dtype=torch.long)
             if example.get("token_type_ids") is not None:
                 token_type_ids[row, :n] = torch.as_tensor(example["token_type_ids"], dtype=torch.long)
         out = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,

@@ -33,14 +33,17 @@ def read_documents(paths: Union[PathLike, Sequence[PathLike]]) -> List[List[str]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no corpus file at {path}")
         current: List[str] = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    current.append(line)
-                elif current:
-                    documents.append(current)
-                    current = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        current.append(line)
+                    elif current:
+                        documents.append(current)
+                        current = []
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from None
         if current:
             documents.append(current)
     return documents
@@ -77,6 +80,8 @@ def create_examples(documents: List[List[List[int]]], cls_id: int, sep_id: int, 
         raise ValueError(f"max_seq_length must be at least 5 ([CLS] A [SEP] B [SEP]), got {max_seq_length}")
     if not 0.0 <= nsp_probability <= 1.0 or not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError("nsp_probability and short_seq_prob must lie in [0, 1]")
+    if dupe_factor < 1:
+        raise ValueError(f"dupe_factor must be at least 1 (passes over the corpus), got {dupe_factor}")
     documents = [[s for s in doc if s] for doc in documents]
     documents = [doc for doc in documents if doc]
     if len(documents) < 2:
@@ -180,6 +185,12 @@ class PretrainingDataset(Dataset):
 
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
+
+    def random_next_share(self) -> float:
+        """The share of examples whose B comes from another document: ``nsp_probability``, plus
+        the chunks of a single sentence, which always take a random B (as in BERT's
+        create_pretraining_data.py), so more with short documents or short sequences."""
+        return float(self.labels.float().mean()) if len(self.labels) else 0.0
 
 
 def tokenize_documents(documents: List[List[str]], tokenizer, batch_size: int = 4096) -> List[List[List[int]]]:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -31,6 +33,8 @@ from ..padding import Packing, unpad_mask
 from ..pretrained import read_state_dict
 
 TRAINER_STATE = "trainer_state.pt"
+# Arguments that fix the data order: a resumed run must keep them.
+_ORDER_ARGS = ("batch_size", "gradient_accumulation_steps", "seed")
 LOG_FILE = "log.jsonl"
 
 
@@ -62,8 +66,19 @@ class TrainingArguments:
         for name in ("warmup_steps", "save_steps", "num_workers"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate}")
+        for name in ("weight_decay", "adam_epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"adam betas must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if self.warmup_steps > self.max_steps:
+            warnings.warn(f"warmup_steps={self.warmup_steps} is more than max_steps={self.max_steps}: "
+                          "the learning rate never reaches its peak")
 
 
 def init_distributed(device: Optional[str] = None) -> tuple:
@@ -73,7 +88,12 @@ def init_distributed(device: Optional[str] = None) -> tuple:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch sees no CUDA GPU")
     if device.type == "cuda":
         if device.index is None:  # "cuda": this process's GPU (set_device and the RNG calls need an index)
             device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
@@ -121,10 +141,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 to the peak over ``warmup_steps``, then linear decay to 0."""
+    """Linear warm-up from 0 to the peak over ``warmup_steps``, then linear decay to 0: the
+    factor of optimizer step ``step`` (from 0) is transformers' ``get_linear_schedule_with_warmup``."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return step / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -309,6 +330,9 @@ class Trainer:
             dist.all_reduce(values)
         records = []
         for (step, lr, _), (mlm, nsp, tokens, masked, sequences) in zip(pending, values.tolist()):
+            if not math.isfinite(mlm + nsp):
+                raise FloatingPointError(f"the loss is {mlm + nsp} at step {step} (learning rate {lr:.3g}): training "
+                                         "diverged; lower the learning rate or clip gradients (max_grad_norm)")
             records.append(dict(step=step, loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp, lr=lr, tokens=int(tokens),
                                 masked=int(masked), sequences=int(sequences)))
         self.history.extend(records)
@@ -331,7 +355,8 @@ class Trainer:
                 self.tokenizer.save_pretrained(directory)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "history": self.history,
-                        "args": dataclasses.asdict(self.args), "world_size": self.world_size},
+                        "args": dataclasses.asdict(self.args), "world_size": self.world_size,
+                        "data": self._data_settings()},
                        os.path.join(directory, TRAINER_STATE))
         if self.world_size > 1:
             dist.barrier()  # the directory exists before the other ranks write into it
@@ -343,6 +368,15 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
+    def _data_settings(self) -> Dict:
+        """What fixes the order and content of the batches, beyond the arguments in _ORDER_ARGS."""
+        settings = {"examples": len(self.dataset)}
+        if hasattr(self.dataset, "num_tokens"):
+            settings["tokens"] = int(self.dataset.num_tokens())
+        if hasattr(self.collator, "mlm_probability"):
+            settings["mlm_probability"] = float(self.collator.mlm_probability)
+        return settings
+
     def load_checkpoint(self, directory: str) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`."""
         state_file = os.path.join(directory, TRAINER_STATE)
@@ -353,6 +387,12 @@ class Trainer:
         if state["world_size"] != self.world_size:
             raise ValueError(f"the checkpoint was written by {state['world_size']} processes, this run has "
                              f"{self.world_size}: the data order would not continue")
+        saved = {**{k: state["args"].get(k) for k in _ORDER_ARGS}, **state.get("data", {})}
+        now = {**{k: getattr(self.args, k) for k in _ORDER_ARGS}, **self._data_settings()}
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(f"the checkpoint's run had other data or batch settings ({'; '.join(changed)}): "
+                             "resuming would not continue its data order")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
