@@ -5,14 +5,16 @@
              embedding); Triton runs on the CPU only under ``TRITON_INTERPRET=1``;
 ``"eager"``  always the eager PyTorch reference.
 
-Set it with :func:`set_backend`, the context manager :func:`use_backend`, or the
-environment variable ``FASTBERT_BACKEND`` (read once, at import).
+Set it with :func:`set_backend` (every thread), the context manager :func:`use_backend`
+(the calling thread, for the block), or the environment variable ``FASTBERT_BACKEND`` (read
+once, at import).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator
 
 BACKENDS = ("auto", "triton", "eager")
@@ -25,29 +27,34 @@ def _checked(name: str) -> str:
     return name
 
 
-_backend = _checked(os.environ.get("FASTBERT_BACKEND", "auto"))
+_default = _checked(os.environ.get("FASTBERT_BACKEND", "auto"))
+# use_backend's choice, per thread: one thread's block never changes another's ops. (A
+# threading.local, which torch.compile reads and guards on; it cannot trace a ContextVar.)
+_local = threading.local()
 
 
 def get_backend() -> str:
-    """The backend in force now."""
-    return _backend
+    """The backend in force now: this thread's innermost :func:`use_backend`, else the default."""
+    return getattr(_local, "name", None) or _default
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every op from now on."""
-    global _backend
-    _backend = _checked(name)
+    """Choose the default backend, for every thread, from now on (a :func:`use_backend` block
+    still overrides it in its thread)."""
+    global _default
+    _default = _checked(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ``with`` block under another backend, then restore the previous one."""
-    global _backend
-    previous, _backend = _backend, _checked(name)
+    """Run the ``with`` block under another backend, in the calling thread only, then restore
+    the previous one."""
+    previous = getattr(_local, "name", None)
+    _local.name = _checked(name)
     try:
         yield
     finally:
-        _backend = previous
+        _local.name = previous
 
 
 @contextlib.contextmanager

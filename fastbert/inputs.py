@@ -66,7 +66,9 @@ def check_model_inputs(config, device: torch.device, input_ids, inputs_embeds, a
             continue
         if not _is_int(t):
             raise ValueError(f"{name} must be an int32 or int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if not (t.shape == (shape[1],) or (t.dim() == 2 and t.shape[1] == shape[1] and t.shape[0] in (1, shape[0]))):
+        # Dimension by dimension: comparing a Size with a tuple would make torch.export guard on batch != seq_len.
+        if not ((t.dim() == 1 and t.shape[0] == shape[1])
+                or (t.dim() == 2 and t.shape[1] == shape[1] and t.shape[0] in (1, shape[0]))):
             raise ValueError(f"{name} must be (batch, seq_len) = {shape}, (1, seq_len) or (seq_len,), "
                              f"got {tuple(t.shape)}")
         if t.device != device:

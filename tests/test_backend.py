@@ -34,6 +34,27 @@ def test_set_and_use_backend():
     assert fastbert.get_backend() == "eager"  # restored after an exception too
 
 
+def test_use_backend_is_per_thread():
+    """Two threads' overlapping blocks neither see nor restore each other's backend; the
+    default (set_backend) is every thread's outside a block."""
+    import threading
+    inside, leave, seen = threading.Barrier(2), threading.Barrier(2), {}
+
+    def run(name):
+        with fastbert.use_backend(name):
+            inside.wait()  # both blocks open at once
+            seen[name] = fastbert.get_backend()
+            leave.wait()
+        seen[name + " after"] = fastbert.get_backend()
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("triton", "eager")]
+    with fastbert.use_backend("auto"):
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert fastbert.get_backend() == "auto"
+    assert seen == {"triton": "triton", "eager": "eager", "triton after": "auto", "eager after": "auto"}
+    assert fastbert.get_backend() == "auto"
+
+
 @pytest.mark.parametrize("name", ["cuda", "", "fast"])
 def test_unknown_backend_names(name):
     with pytest.raises(ValueError, match="unknown fastbert backend .*choose one of auto, triton, eager"):

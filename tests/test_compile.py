@@ -243,3 +243,16 @@ def test_export_and_jit_trace_run_other_masks(backend, fresh_dynamo):
         finally:
             model.config.torchscript = False
         assert_real_close(traced(other_ids, other_mask, other_types)[0], want, what="traced")
+
+
+def test_dynamic_export_takes_square_inputs(fresh_dynamo):
+    """An export with dynamic batch and length serves batch == seq_len too (comparing a shape
+    with a tuple once made the program guard on batch != seq_len)."""
+    model = fastbert.BertModel(tiny_config()).eval()
+    positions = model.config.max_position_embeddings
+    batch, length = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=positions)
+    example = {k: torch.ones(2, 8, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    program = torch.export.export(model, (), example, dynamic_shapes={k: {0: batch, 1: length} for k in example})
+    for b, s in ((3, 7), (5, 5)):
+        square = {k: torch.ones(b, s, dtype=torch.long) for k in example}
+        torch.testing.assert_close(program.module()(**square).last_hidden_state, model(**square).last_hidden_state)
