@@ -54,6 +54,13 @@ class BatchEncoding(dict):
 PAD_VALUES = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1}
 
 
+def tensor(values, kind: str, dtype: Optional[torch.dtype] = None):
+    """``values`` (nested lists, or a tensor) as a torch tensor (``kind`` "pt") or a NumPy
+    array ("np"); ``dtype`` None infers it (int64 for ids, float for float labels)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.numpy() if kind == "np" else t
+
+
 def pad_rows(data: Dict[str, list], values: Dict[str, object], side: str, target: int) -> None:
     """Pad, in place, each row of the keys of ``values`` in ``data`` to ``target`` entries
     with that key's value, on ``side`` ("right" or "left")."""
@@ -96,8 +103,8 @@ def pad_encoded(encoded_inputs, values: Dict[str, int], side: str, mode: Optiona
         pad_rows(data, values, side, target)
     if return_attention_mask is False:
         data.pop("attention_mask", None)
-    if return_tensors == "pt":
-        data = {k: torch.tensor(v) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    if return_tensors is not None:
+        data = {k: tensor(v, return_tensors) for k, v in data.items()}
     elif single:
         data = {k: v[0] for k, v in data.items()}
     return BatchEncoding(data)

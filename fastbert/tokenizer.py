@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from .encoding import PAD_VALUES, BatchEncoding, pad_encoded, pad_rows
+from .encoding import PAD_VALUES, BatchEncoding, pad_encoded, pad_rows, tensor
 from .pretrained import HUB_LOADING_KWARGS
 from .vocabulary import EXTRA_SPECIAL_KEYS, SPECIAL_DEFAULTS, Vocabulary
 
@@ -189,6 +189,14 @@ class BertTokenizer(Vocabulary):
     def tokenize(self, text: str, pair: Optional[str] = None, add_special_tokens: bool = False) -> List[str]:
         return self._encode([text], None if pair is None else [pair], add_special_tokens, None, None)[0].tokens
 
+    def __getstate__(self):
+        # Pickling (spawned DataLoader workers, deepcopy) takes everything but the lock.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- encoding -----------------------------------------------------------------------
     def _encode(self, texts: List[str], pairs: Optional[List[str]], add_special_tokens: bool,
                 truncation: Optional[str], max_length: Optional[int], stride: int = 0, words: bool = False):
@@ -218,7 +226,7 @@ class BertTokenizer(Vocabulary):
         ``padding``: False (none), True / "longest" (to the longest in the batch) or
         "max_length". ``truncation``: True / "longest_first" (trim the longer of a pair one
         token at a time), "only_first", "only_second" or False; it cuts at ``max_length``,
-        or at ``model_max_length`` when that is not given. ``return_tensors="pt"`` gives
+        or at ``model_max_length`` when that is not given. ``return_tensors="pt"`` (or ``"np"``, NumPy arrays) gives
         int64 tensors. ``packed=True`` concatenates the sequences without padding and adds
         ``position_ids``, int32 ``cu_seqlens`` (B+1) and ``max_seqlen``.
 
@@ -237,8 +245,8 @@ class BertTokenizer(Vocabulary):
             raise ValueError(f"truncation must be one of {list(_TRUNCATION)}, got {truncation!r}")
         if padding not in _PADDING:
             raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         strategy = _TRUNCATION[truncation] if truncation is not None else None
         pad = _PADDING[padding]
         if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
@@ -292,13 +300,13 @@ class BertTokenizer(Vocabulary):
             out["attention_mask"] = masks
         out.update(extra)
         lengths = [len(x) for x in ids] if return_length else None
-        if return_tensors == "pt":
+        if return_tensors is not None:
             if len({len(x) for x in ids}) > 1:
                 raise ValueError("sequences of different lengths cannot form one tensor; "
                                  "pass padding=True (or padding='max_length'), or packed=True")
             if return_length:
                 out["length"] = lengths
-            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}, encodings,
+            return BatchEncoding({k: tensor(v, return_tensors, torch.long) for k, v in out.items()}, encodings,
                                  pad is not None and self._pad_left())
         if single and not return_overflowing_tokens:
             out = {k: v[0] for k, v in out.items()}
@@ -360,9 +368,9 @@ class BertTokenizer(Vocabulary):
             out["overflow_to_sample_mapping"] = extra["overflow_to_sample_mapping"]
         if "special_tokens_mask" in extra:
             out["special_tokens_mask"] = [m for x in extra["special_tokens_mask"] for m in x]
-        if return_tensors == "pt":
-            out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-            out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+        if return_tensors is not None:
+            out = {k: tensor(v, return_tensors, torch.long) for k, v in out.items()}
+            out["cu_seqlens"] = tensor(cu, return_tensors, torch.int32)
         else:
             out["cu_seqlens"] = cu
         out["max_seqlen"] = max(lengths)
@@ -387,8 +395,8 @@ class BertTokenizer(Vocabulary):
         ``padding_side``; other keys (labels…) pass through."""
         if padding not in _PADDING:
             raise ValueError(f"padding must be one of {list(_PADDING)}, got {padding!r}")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         self._pad_left()
         return pad_encoded(encoded_inputs, dict(PAD_VALUES, input_ids=self.pad_token_id), self.padding_side,
                            _PADDING[padding], max_length, pad_to_multiple_of, return_attention_mask, return_tensors)

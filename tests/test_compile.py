@@ -256,3 +256,19 @@ def test_dynamic_export_takes_square_inputs(fresh_dynamo):
     for b, s in ((3, 7), (5, 5)):
         square = {k: torch.ones(b, s, dtype=torch.long) for k in example}
         torch.testing.assert_close(program.module()(**square).last_hidden_state, model(**square).last_hidden_state)
+
+
+def test_saved_export_loads_in_a_fresh_process(tmp_path, fresh_dynamo):
+    """A saved torch.export program holds fastbert's ops; a process that has only imported
+    fastbert loads it after fastbert.ops.load_kernels() (README, "Export to ONNX")."""
+    import subprocess
+    import sys
+    model = fastbert.BertModel(tiny_config()).eval()
+    ids = torch.randint(1, 50, (2, 6))
+    torch.export.save(torch.export.export(model, (ids,)), tmp_path / "model.pt2")
+    torch.save(model(ids).last_hidden_state, tmp_path / "want.pt")
+    code = ("import torch, fastbert; fastbert.ops.load_kernels(); "
+            f"out = torch.export.load(r'{tmp_path / 'model.pt2'}').module()(torch.tensor({ids.tolist()})); "
+            f"torch.testing.assert_close(out.last_hidden_state, torch.load(r'{tmp_path / 'want.pt'}')); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -405,3 +405,23 @@ def test_left_padding_matches_hf(tiny, tensors):
             ours(TINY_TEXTS, padding=True)
     finally:
         ours.padding_side = theirs.padding_side = "right"
+
+
+def test_pickles_and_deep_copies(tiny):
+    """As HF's fast tokenizer: a spawned DataLoader worker or a deepcopy gets a working copy."""
+    import copy
+    import pickle
+    _, ours, _ = tiny
+    for twin in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        _assert_same(twin(TINY_TEXTS, TINY_PAIRS, padding=True, return_tensors="pt"),
+                     ours(TINY_TEXTS, TINY_PAIRS, padding=True, return_tensors="pt"), "copy")
+
+
+def test_numpy_tensors(tiny):
+    """``return_tensors="np"`` (ONNX Runtime's inputs) gives HF's arrays; pad keeps float labels."""
+    _, ours, theirs = tiny
+    a = ours(TINY_TEXTS, TINY_PAIRS, padding=True, return_tensors="np")
+    b = theirs(TINY_TEXTS, TINY_PAIRS, padding=True, return_tensors="np")
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and (a[k] == b[k]).all() for k in b)
+    padded = ours.pad([{"input_ids": [5, 6], "labels": 0.5}, {"input_ids": [5], "labels": 1.5}], return_tensors="np")
+    assert padded["labels"].tolist() == [0.5, 1.5] and padded["input_ids"].tolist() == [[5, 6], [5, 0]]
