@@ -256,8 +256,9 @@ def run_suite(quick: bool, dtype: torch.dtype, device: str, workloads: Optional[
     if not chosen:
         return suite
     if not str(device).startswith("cuda"):
+        asked = "" if dtype == torch.float32 else f" ({str(dtype).replace('torch.', '')} was asked for; ignored)"
         dtype = torch.float32
-        suite.notes.append("CPU: the model runs in fp32; fastbert runs its C++ embedding op, attention through "
+        suite.notes.append(f"CPU: the model runs in fp32{asked}; fastbert runs its C++ embedding op, attention through "
                            "scaled_dot_product_attention and eager PyTorch for the rest")
     suite.ceilings = measure_ceilings(device, dtype, quick, tiny_sizes, chosen)
     tkw = timing(device, quick, tiny_sizes)
