@@ -57,6 +57,18 @@ def use_backend(name: str) -> Iterator[None]:
         _local.name = previous
 
 
+def in_this_backend(fn):
+    """``fn``, run under the backend in force now wherever it is called later: a checkpointed
+    layer is recomputed during the backward, on autograd's device thread for CUDA tensors,
+    which does not see this thread's :func:`use_backend`."""
+    name = get_backend()
+
+    def run(*args, **kwargs):
+        with use_backend(name):
+            return fn(*args, **kwargs)
+    return run
+
+
 @contextlib.contextmanager
 def assume_valid_ids() -> Iterator[None]:
     """Inside the block, the fused CUDA embedding does not synchronize to check its ids.

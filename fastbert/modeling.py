@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import functional as fb
+from .backend import in_this_backend
 from .config import BertConfig
 from .functional import mark_cu_seqlens_checked
 from .inputs import check_forward_kwargs, check_model_inputs, embeds_in, full_ids
@@ -292,7 +293,8 @@ class BertEncoder(nn.Module):
                 offload = (torch.autograd.graph.save_on_cpu(pin_memory=hidden_states.is_cuda)
                            if self.checkpoint_offload else contextlib.nullcontext())
                 with offload:
-                    hidden_states, probs = torch.utils.checkpoint.checkpoint(layer, *args, **kwargs)
+                    run = layer if _tracing() else in_this_backend(layer)  # recomputed under this backend
+                    hidden_states, probs = torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
             else:
                 hidden_states, probs = layer(*args)
             if all_hidden is not None:

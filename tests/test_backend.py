@@ -55,6 +55,23 @@ def test_use_backend_is_per_thread():
     assert fastbert.get_backend() == "auto"
 
 
+def test_checkpointed_layers_recompute_under_the_forwards_backend():
+    """A checkpointed layer is recomputed in the backward, which for CUDA tensors runs on
+    autograd's own thread: it runs under the backend its forward had (here the backward is
+    run from another thread, as autograd does on a GPU)."""
+    import threading
+    model = fastbert.BertModel(fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=64)).train()
+    model.gradient_checkpointing_enable()
+    seen = []
+    model.encoder.layer[0].register_forward_pre_hook(lambda *_: seen.append(fastbert.get_backend()))
+    with fastbert.use_backend("eager"):
+        out = model(torch.randint(1, 50, (2, 6))).last_hidden_state.sum()
+    backward = threading.Thread(target=out.backward)
+    backward.start(), backward.join()
+    assert seen == ["eager", "eager"]  # the forward, then its recomputation
+
+
 @pytest.mark.parametrize("name", ["cuda", "", "fast"])
 def test_unknown_backend_names(name):
     with pytest.raises(ValueError, match="unknown fastbert backend .*choose one of auto, triton, eager"):
