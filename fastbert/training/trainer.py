@@ -403,6 +403,8 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            warnings.warn(f"{rng_file} is missing: dropout will not continue the checkpointed run's random stream")
         log = os.path.join(self.args.output_dir, LOG_FILE)
         if self.is_main and os.path.isfile(log):
             # Steps logged after the checkpoint are about to be run again: drop them.
