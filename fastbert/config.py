@@ -63,9 +63,14 @@ class BertConfig:
             setattr(self, key, kwargs.pop(key, value))
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
+        if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
         if id2label is None:
             id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
-        self.id2label = {int(k): v for k, v in id2label.items()}
+        try:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"id2label must map class ids (ints, or their strings) to names, got {id2label!r}") from None
         self.label2id = label2id if label2id is not None else {v: k for k, v in self.id2label.items()}
         kwargs.pop("model_type", None)
         for key, value in kwargs.items():
@@ -108,6 +113,8 @@ class BertConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {n!r}")
         self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.label2id = {v: k for k, v in self.id2label.items()}
 

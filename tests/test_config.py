@@ -67,6 +67,8 @@ def test_round_trips(tmp_path):
     (dict(problem_type="ranking"), "problem_type 'ranking'"),
     (dict(vocab_size=10, pad_token_id=10), r"pad_token_id must be None or an id in \[0, vocab_size=10\), got 10"),
     (dict(pad_token_id="0"), "pad_token_id must be None or an id"),
+    (dict(num_labels=-1), "num_labels must be a positive integer, got -1"),
+    (dict(id2label={"a": "x"}), "id2label must map class ids"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
