@@ -22,7 +22,8 @@ Triton's key coarser, so one compiled kernel may sit under several of these keys
 Used from Triton 3.4 on, whose launchers take every bound argument, constexprs included, in
 the kernel's parameter order (``JITFunction.run`` calls them so; ``tests/launcher_standin.py``
 compares the two paths' launcher arguments, and passed on Triton 3.4.0, 3.5.1, 3.6.0 and
-3.9.0); older versions launch through Triton every time. ``FASTBERT_TRITON_LAUNCH=1`` does the same (for comparisons).
+3.9.0); older versions launch through Triton every time. ``FASTBERT_TRITON_LAUNCH=1`` does
+the same (for comparisons).
 """
 
 from __future__ import annotations
